@@ -1,0 +1,104 @@
+"""Planted truths: permute a network's neurons group by group, and check a Spec with it.
+
+Permuting the neurons of a group -- every axis that carries it, consistently -- does not
+change the function a network computes. If a spec is right, any such permutation leaves the
+outputs unchanged; a wrong spec (a shortcut given its own group, a flatten labelled without
+its view) changes them. Wrong specs are the most common failure of fusion code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfusion.errors import SpecError
+from jfusion.spec import Spec
+from jfusion.transport import GroupMap, transport_leaf
+from jfusion.tree import PyTree, flatten, unflatten
+
+
+def permute(
+    params: PyTree,
+    spec: Spec,
+    key: jax.Array,
+    groups: tuple[str, ...] | None = None,
+) -> tuple[PyTree, dict[str, jax.Array]]:
+    """Apply a random permutation to each group's neurons (all groups, or ``groups``).
+
+    Returns the permuted pytree and ``{group: perm}``, where new neuron ``q`` is old neuron
+    ``perm[q]``; the network computes the same function.
+    """
+    leaves, treedef = flatten(params)
+    widths = spec.validate({p: np.shape(x) for p, x in leaves.items()}, "params")
+    chosen = spec.groups if groups is None else groups
+    perms, maps = {}, {}
+    for group, k in zip(chosen, jax.random.split(key, len(chosen))):
+        perm = jax.random.permutation(k, widths[group])
+        matrix = jax.nn.one_hot(perm, widths[group], dtype=jnp.float32).T  # [old, new]
+        perms[group], maps[group] = perm, GroupMap(matrix, matrix)
+    out = {}
+    for path, x in leaves.items():
+        leaf = spec[path]
+        out[path] = (
+            transport_leaf(jnp.asarray(x), leaf, maps, widths).astype(jnp.result_type(x))
+            if any(g in maps for g in leaf.groups)
+            else x
+        )
+    return unflatten(treedef, out), perms
+
+
+def _max_difference(a: PyTree, b: PyTree) -> float:
+    diffs = jax.tree.map(lambda x, y: jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))), a, b)
+    return float(max(jax.tree.leaves(diffs), default=0.0))
+
+
+def _scale(a: PyTree) -> float:
+    return float(max((jnp.max(jnp.abs(jnp.asarray(x))) for x in jax.tree.leaves(a)), default=0.0))
+
+
+def check_spec(
+    apply_fn: Callable[[PyTree, Any], Any],
+    variables: PyTree,
+    spec: Spec,
+    x: Any,
+    *,
+    seed: int = 0,
+    rtol: float = 1e-4,
+) -> None:
+    """Raise SpecError unless random permutations of the spec's groups keep the outputs.
+
+    Permutes all groups at once and compares ``apply_fn(variables, x)`` before and after
+    (tolerance ``rtol`` times the outputs' largest magnitude). On a mismatch, each group is
+    permuted alone to name the groups -- and their leaves -- that break the function.
+    """
+    reference = apply_fn(variables, x)
+    tolerance = rtol * max(_scale(reference), 1.0)
+    key = jax.random.key(seed)
+    permuted, _ = permute(variables, spec, key)
+    error = _max_difference(reference, apply_fn(permuted, x))
+    if error <= tolerance:
+        return
+    culprits = []
+    for group, k in zip(spec.groups, jax.random.split(key, len(spec.groups))):
+        alone, perm = permute(variables, spec, k, groups=(group,))
+        if bool(jnp.all(perm[group] == jnp.arange(perm[group].shape[0]))):
+            continue
+        group_error = _max_difference(reference, apply_fn(alone, x))
+        if group_error > tolerance:
+            culprits.append(
+                f"  group {group!r} (outputs change by {group_error:.3g}): its leaves "
+                f"{[leaf.path for leaf in spec.leaves_of(group)]}"
+            )
+    detail = (
+        "\n".join(culprits)
+        if culprits
+        else "  no single group breaks it alone; look at leaves that mix several groups"
+    )
+    raise SpecError(
+        f"the spec does not describe the model: permuting its groups changed the outputs by "
+        f"{error:.3g} (tolerance {tolerance:.3g}). Groups whose permutation alone changes "
+        f"them -- a leaf there is labelled with the wrong group or misses a view:\n{detail}"
+    )

@@ -1,0 +1,65 @@
+"""Multi-layer perceptrons (OTFusion's MLPNet is ``MLP((400, 200, 100, 10))``)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+from jfusion.spec import Spec
+
+
+class MLP(nn.Module):
+    """Dense layers ``Dense_0 ... Dense_{L-1}`` with ReLU between them; inputs are flattened.
+
+    Each hidden layer's pre-activations are sown into the ``"activations"`` collection
+    under its group name (``h0``, ``h1``, ...), for activation-based alignment.
+    """
+
+    features: Sequence[int]
+    use_bias: bool = True
+
+    def _record(self, group: str, x: jax.Array) -> None:
+        # Sown only when applying: init must return parameters alone.
+        if not self.is_initializing():
+            self.sow("activations", group, x)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.features):
+            x = nn.Dense(width, use_bias=self.use_bias, name=f"Dense_{i}")(x)
+            if i < len(self.features) - 1:
+                self._record(f"h{i}", x)
+                x = nn.relu(x)
+        return x
+
+
+def mlp_spec(
+    layers: int | Sequence[str],
+    *,
+    prefix: str = "params",
+    bias: bool = True,
+    group_prefix: str = "h",
+) -> Spec:
+    """Spec of a chain of Dense layers: hidden layer i's output is group ``f"{group_prefix}{i}"``.
+
+    Args:
+      layers: the number of Dense layers (named ``Dense_0``... as linen's ``nn.compact``
+        names them) or their names in order (e.g. nnx attribute names).
+      prefix: path prefix of the parameters: ``"params"`` for a linen variable dict,
+        ``""`` for an ``nnx.State`` of parameters.
+      bias: whether the layers have biases.
+      group_prefix: prefix of the group names.
+    """
+    names = [f"Dense_{i}" for i in range(layers)] if isinstance(layers, int) else list(layers)
+    base = f"{prefix}/" if prefix else ""
+    axes = {}
+    for i, name in enumerate(names):
+        inp = f"{group_prefix}{i - 1}" if i > 0 else None
+        out = f"{group_prefix}{i}" if i < len(names) - 1 else None
+        axes[f"{base}{name}/kernel"] = (inp, out)
+        if bias:
+            axes[f"{base}{name}/bias"] = (out,)
+    return Spec(axes)

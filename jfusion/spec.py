@@ -1,0 +1,288 @@
+"""The layer-topology Spec: which neuron group every axis of every leaf carries.
+
+A Spec is built from a plain dict ``{path: axes}``. ``axes`` has one entry per axis of the
+leaf:
+
+* a group name (``"h0"``): the axis indexes the neurons of that group;
+* ``None``: the axis carries no group (inputs, logits, kernel height...), it is averaged
+  but never transported;
+* a tuple: a *view* -- the axis is reshaped (C order) into several dims before labelling,
+  each a group name, a fixed ``int`` size or ``None`` (at most one inferred size).
+
+Examples (Flax stores a Dense kernel as ``(in, out)`` and a Conv kernel as ``(H, W, in, out)``)::
+
+    {
+        "params/Conv_0/kernel": (None, None, None, "c0"),
+        "params/Conv_0/bias": ("c0",),
+        "params/Dense_1/kernel": ((49, "c0"), "h1"),  # flatten of a 7x7xC feature map
+        "params/Dense_1/bias": ("h1",),
+        "params/Dense_2/kernel": ("h1", None),        # logits: ungrouped output
+        "params/Dense_2/bias": (None,),
+    }
+
+The group on a leaf's last dim is its *output* group (Flax puts the output features last);
+the leaf is one of that group's incoming weights (kernel rows, bias, norm parameters). Its
+other groups are its *inputs*. Groups are solved in topological order of that relation.
+Group sizes are read from each model, so widths may differ between models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Mapping, Sequence, Union
+
+from jfusion.errors import SpecError
+
+Dim = Union[str, int, None]
+Entry = Union[str, None, tuple]
+
+
+def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
+    if entry is None or isinstance(entry, str):
+        return (entry,)
+    if isinstance(entry, (tuple, list)):
+        dims = tuple(entry)
+        if not dims:
+            raise SpecError(f"{path}: axis {axis} has an empty view; give at least one dim")
+        for d in dims:
+            if not (d is None or isinstance(d, str) or (isinstance(d, int) and d > 0)):
+                raise SpecError(
+                    f"{path}: axis {axis} view dim {d!r} must be a group name, a positive int or None"
+                )
+        if sum(d is None for d in dims) > 1:
+            raise SpecError(f"{path}: axis {axis} view {dims} has more than one inferred (None) dim")
+        return dims
+    raise SpecError(
+        f"{path}: axis {axis} entry {entry!r} must be a group name, None, or a tuple (a view)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """One leaf's labels: ``axes`` as given, ``dims`` the flattened view dims."""
+
+    path: str
+    axes: tuple[Entry, ...]
+
+    @property
+    def dims(self) -> tuple[Dim, ...]:
+        return tuple(d for i, e in enumerate(self.axes) for d in _parse_entry(self.path, i, e))
+
+    @property
+    def dim_groups(self) -> tuple[str | None, ...]:
+        """Per view dim: the group it carries, or None."""
+        return tuple(d if isinstance(d, str) else None for d in self.dims)
+
+    @property
+    def output_group(self) -> str | None:
+        return self.dim_groups[-1] if self.dims else None
+
+    @property
+    def input_groups(self) -> tuple[str, ...]:
+        """Groups on dims other than the last, in order, without repeats."""
+        seen: list[str] = []
+        for g in self.dim_groups[:-1]:
+            if g is not None and g not in seen:
+                seen.append(g)
+        return tuple(seen)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        out = list(self.input_groups)
+        if self.output_group is not None and self.output_group not in out:
+            out.append(self.output_group)
+        return tuple(out)
+
+    def view_shape(self, shape: Sequence[int], widths: Mapping[str, int]) -> tuple[int, ...]:
+        """The leaf's shape in view dims, for a leaf of ``shape`` and the given group widths."""
+        out: list[int] = []
+        for axis, entry in enumerate(self.axes):
+            dims = _parse_entry(self.path, axis, entry)
+            size = shape[axis]
+            known = [widths[d] if isinstance(d, str) else d for d in dims]
+            if None in known:
+                rest = math.prod(k for k in known if k is not None)
+                if rest == 0 or size % rest:
+                    raise SpecError(
+                        f"{self.path}: axis {axis} has size {size}, which the view {dims} "
+                        f"cannot split (the known dims multiply to {rest})"
+                    )
+                known[known.index(None)] = size // rest
+            if math.prod(known) != size:
+                raise SpecError(
+                    f"{self.path}: axis {axis} has size {size}, but the view {dims} gives "
+                    f"{' x '.join(map(str, known))} = {math.prod(known)}"
+                )
+            out.extend(known)
+        return tuple(out)
+
+    def shape_for(self, shape: Sequence[int], widths: Mapping[str, int], new_widths: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape this leaf takes when its groups have ``new_widths`` instead of ``widths``."""
+        view = self.view_shape(shape, widths)
+        view = [new_widths[g] if g is not None else s for g, s in zip(self.dim_groups, view)]
+        out, i = [], 0
+        for axis, entry in enumerate(self.axes):
+            n = len(_parse_entry(self.path, axis, entry))
+            out.append(math.prod(view[i : i + n]))
+            i += n
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Spec:
+    """Layer topology of a parameter pytree: ``{path: axes}`` for every leaf.
+
+    Hashable, so it can be a static argument of ``jax.jit``. See the module docstring for
+    the meaning of ``axes``.
+    """
+
+    leaves: tuple[LeafSpec, ...]
+
+    def __init__(self, mapping: Mapping[str, Sequence[Entry]] | Iterable[LeafSpec]):
+        items = (
+            [LeafSpec(p, tuple(a)) for p, a in mapping.items()]
+            if isinstance(mapping, Mapping)
+            else list(mapping)
+        )
+        seen = set()
+        for leaf in items:
+            if leaf.path in seen:
+                raise SpecError(f"{leaf.path}: labelled twice")
+            seen.add(leaf.path)
+            leaf.dims  # parses every entry, raising on malformed ones
+        object.__setattr__(self, "leaves", tuple(items))
+        self.groups  # raises on cycles and on groups nothing writes
+
+    def __getitem__(self, path: str) -> LeafSpec:
+        for leaf in self.leaves:
+            if leaf.path == path:
+                return leaf
+        raise KeyError(path)
+
+    def __contains__(self, path: str) -> bool:
+        return any(leaf.path == path for leaf in self.leaves)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(leaf.path for leaf in self.leaves)
+
+    def as_dict(self) -> dict[str, tuple[Entry, ...]]:
+        return {leaf.path: leaf.axes for leaf in self.leaves}
+
+    def writers(self, group: str) -> tuple[LeafSpec, ...]:
+        """Leaves whose output group is ``group``: its incoming weights."""
+        return tuple(leaf for leaf in self.leaves if leaf.output_group == group)
+
+    def readers(self, group: str) -> tuple[LeafSpec, ...]:
+        """Leaves that carry ``group`` on an input dim: its outgoing weights."""
+        return tuple(leaf for leaf in self.leaves if group in leaf.input_groups)
+
+    def leaves_of(self, group: str) -> tuple[LeafSpec, ...]:
+        return tuple(leaf for leaf in self.leaves if group in leaf.groups)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Every group, in an order where a group comes after the groups feeding it."""
+        names: list[str] = []
+        for leaf in self.leaves:
+            for g in leaf.groups:
+                if g not in names:
+                    names.append(g)
+        feeds = {g: set() for g in names}
+        for leaf in self.leaves:
+            out = leaf.output_group
+            if out is not None:
+                feeds[out].update(g for g in leaf.input_groups if g != out)
+        for g in names:
+            if not self.writers(g):
+                readers = [leaf.path for leaf in self.readers(g)]
+                raise SpecError(
+                    f"group {g!r} is read by {readers} but no leaf writes it (carries it on its "
+                    f"last axis), so it has no incoming weights to align by"
+                )
+        order: list[str] = []
+        remaining = list(names)
+        while remaining:
+            ready = [g for g in remaining if feeds[g] <= set(order)]
+            if not ready:
+                cycle = {g: sorted(feeds[g] - set(order)) for g in remaining}
+                raise SpecError(f"groups feed each other in a cycle: {cycle}")
+            order.extend(ready)
+            remaining = [g for g in remaining if g not in ready]
+        return tuple(order)
+
+    def validate(self, shapes: Mapping[str, Sequence[int]], model: str = "model") -> dict[str, int]:
+        """Check the spec against one model's ``{path: shape}``; return its group widths.
+
+        Raises SpecError naming the path, the axis, and the expected and found sizes.
+        """
+        missing = [p for p in self.paths if p not in shapes]
+        if missing:
+            raise SpecError(
+                f"{model}: the spec labels {missing} but the pytree has no such leaves "
+                f"(it has {list(shapes)[:8]}{'...' if len(shapes) > 8 else ''})"
+            )
+        unlabelled = [p for p in shapes if p not in self]
+        if unlabelled:
+            raise SpecError(
+                f"{model}: leaves {unlabelled} are not in the spec; label them, or declare them "
+                f"ungrouped with one None per axis"
+            )
+        widths: dict[str, int] = {}
+        source: dict[str, str] = {}
+
+        def record(group: str, size: int, where: str) -> None:
+            if group in widths and widths[group] != size:
+                raise SpecError(
+                    f"{model}: {where} gives group {group!r} size {size}, but {source[group]} "
+                    f"gives it size {widths[group]}"
+                )
+            widths.setdefault(group, size)
+            source.setdefault(group, where)
+
+        for leaf in self.leaves:
+            shape = tuple(shapes[leaf.path])
+            if len(shape) != len(leaf.axes):
+                raise SpecError(
+                    f"{model}: {leaf.path} has {len(shape)} axes (shape {shape}) but the spec "
+                    f"labels {len(leaf.axes)}: {leaf.axes}"
+                )
+        # Plain axes fix sizes directly; views may need sizes that only other leaves give.
+        pending = []
+        for leaf in self.leaves:
+            shape = tuple(shapes[leaf.path])
+            for axis, entry in enumerate(leaf.axes):
+                if isinstance(entry, str):
+                    record(entry, shape[axis], f"{leaf.path} axis {axis}")
+                elif isinstance(entry, (tuple, list)):
+                    pending.append((leaf, axis, tuple(entry), shape[axis]))
+        while pending:
+            progress, later = False, []
+            for leaf, axis, dims, size in pending:
+                unknown = [d for d in dims if d is None or (isinstance(d, str) and d not in widths)]
+                if len(unknown) > 1:
+                    later.append((leaf, axis, dims, size))
+                    continue
+                progress = True
+                known = math.prod(widths[d] if isinstance(d, str) else d for d in dims if d not in unknown)
+                where = f"{leaf.path} axis {axis} (view {dims})"
+                if unknown and unknown[0] is not None:
+                    if known == 0 or size % known:
+                        raise SpecError(
+                            f"{model}: {where} has size {size}, not divisible by the known dims' "
+                            f"product {known}"
+                        )
+                    record(unknown[0], size // known, where)
+                elif not unknown and known != size:
+                    raise SpecError(f"{model}: {where} has size {size}, but its dims multiply to {known}")
+            if not progress:
+                leaf, axis, dims, size = later[0]
+                raise SpecError(
+                    f"{model}: {leaf.path} axis {axis} (size {size}) has the view {dims} with "
+                    f"more than one unknown size; label the groups on other leaves too"
+                )
+            pending = later
+        for leaf in self.leaves:
+            leaf.view_shape(shapes[leaf.path], widths)  # inferred dims must divide evenly
+        return widths

@@ -1,0 +1,126 @@
+"""Neuron supports: the vectors that represent each neuron of a group for OT.
+
+Weight-based alignment (OTFusion's ``wts``) represents a neuron by its incoming weights --
+every leaf whose output group it is: kernel rows, bias, norm parameters -- after the
+already-solved input groups have been transported into the target's basis ("past
+correction", OTFusion eq. 1). Optionally its outgoing weights are added, with their other
+groups transported by the plans found so far; with several sweeps over the groups this is
+the coordinate descent of weight matching (Ainsworth et al., Git Re-Basin).
+
+Activation-based alignment (OTFusion's ``acts``) represents a neuron by its
+pre-activations on a batch of inputs, flattened over the batch and spatial positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Collection, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jfusion.errors import SpecError
+from jfusion.spec import Spec
+from jfusion.transport import GroupMap, transport_view
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """Align by weights.
+
+    Attributes:
+      outgoing: add each neuron's outgoing weights to its support (only those whose other
+        groups already have a plan in this sweep or the previous one).
+      sweeps: passes over all groups; later passes see every other group's plan, so
+        outgoing weights and recurrent (same group on both axes) weights count fully.
+    """
+
+    outgoing: bool = False
+    sweeps: int = 1
+
+    def __post_init__(self):
+        if self.sweeps < 1:
+            raise ValueError(f"Weights.sweeps must be >= 1, got {self.sweeps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Align by activations.
+
+    Attributes:
+      fn: ``fn(variables, inputs) -> {group: array (..., n_group)}``, each group's
+        pre-activations with the neuron axis last. It runs inside the fused program,
+        ``vmap``ed over the K models; the reference models in ``jfusion.models`` provide
+        one, and :func:`jfusion.capture_activations` builds one from a linen module.
+    """
+
+    fn: Callable[[Any, jax.Array], Mapping[str, jax.Array]]
+
+
+AlignmentMethod = Weights | Activations
+
+
+def resolve_alignment(alignment: str | AlignmentMethod) -> AlignmentMethod:
+    if isinstance(alignment, (Weights, Activations)):
+        return alignment
+    if alignment == "weights":
+        return Weights()
+    if alignment == "activations":
+        raise ValueError(
+            "alignment='activations' needs to know where each group's activations come from: "
+            "pass alignment=jfusion.Activations(fn) (reference models provide fn) and inputs=x"
+        )
+    raise ValueError(f"alignment must be 'weights', Weights(...) or Activations(...), not {alignment!r}")
+
+
+def weight_support(
+    leaves: Mapping[str, jax.Array],
+    spec: Spec,
+    group: str,
+    widths: Mapping[str, int],
+    maps: Mapping[str, GroupMap],
+    solved: Collection[str],
+    outgoing: bool,
+) -> jax.Array:
+    """``(n, d)`` weight support of ``group`` for one model.
+
+    ``maps`` transports this model's other groups into the target basis (empty for the
+    target itself); ``solved`` names the groups that have a plan, so the model and the target
+    use the same leaves and the same feature layout.
+    """
+    parts = []
+    readers = spec.readers(group) if outgoing else ()
+    for leaf in spec.writers(group) + readers:
+        groups = leaf.dim_groups
+        along = len(groups) - 1 if leaf.output_group == group else groups.index(group)
+        others = [i for i, g in enumerate(groups) if g is not None and i != along]
+        if any(groups[i] not in solved for i in others):
+            continue
+        x = leaves[leaf.path]
+        v = x.astype(jnp.float32).reshape(leaf.view_shape(x.shape, widths))
+        v = transport_view(v, leaf, maps, dims=others)
+        v = jnp.moveaxis(v, along, 0)
+        parts.append(v.reshape(v.shape[0], -1))
+    if not parts:
+        raise SpecError(
+            f"group {group!r}: none of its incoming weights {[l.path for l in spec.writers(group)]} "
+            f"can be compared before its own plan exists (they read the group itself); "
+            f"use Weights(sweeps=2) or activation alignment"
+        )
+    return jnp.concatenate(parts, axis=1)
+
+
+def activation_support(activations: Mapping[str, jax.Array], group: str, width: int) -> jax.Array:
+    """``(n, S)`` activation support from ``activations[group]`` of shape ``(..., n)``."""
+    if group not in activations:
+        raise SpecError(
+            f"group {group!r}: the activation function returned no activations for it "
+            f"(it returned {sorted(activations)})"
+        )
+    a = activations[group]
+    if a.shape[-1] != width:
+        raise SpecError(
+            f"group {group!r}: activations have {a.shape[-1]} neurons on their last axis "
+            f"(shape {a.shape}) but the weights give the group width {width}"
+        )
+    return a.astype(jnp.float32).reshape(-1, width).T

@@ -1,0 +1,137 @@
+"""Leaf paths and the model axis: how jfusion names, flattens and stacks parameter pytrees.
+
+A leaf's path is its keys joined by "/": ``"params/Dense_0/kernel"`` for a linen variable
+dict, ``"linear1/kernel"`` for an ``nnx.State`` (the ``.value`` of an nnx Variable is not
+part of the name). The same strings address leaves in every Flax API.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfusion.errors import FusionInputError
+
+PyTree = Any
+
+
+def _key_name(key: Any) -> str | None:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        # nnx Variables expose their array as ``.value``; the variable is the leaf's name.
+        return None if key.name == "value" else key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_string(keypath: Sequence[Any]) -> str:
+    """The "/"-joined name of a leaf from its jax key path."""
+    return "/".join(name for name in map(_key_name, keypath) if name is not None)
+
+
+def flatten(tree: PyTree) -> tuple[dict[str, Any], Any]:
+    """``{path: leaf}`` in flattening order, and the treedef that rebuilds the tree."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = {}
+    for keypath, leaf in with_paths:
+        path = path_string(keypath)
+        if path in leaves:
+            raise FusionInputError(f"two leaves share the path {path!r}; jfusion needs unique leaf paths")
+        leaves[path] = leaf
+    return leaves, treedef
+
+
+def unflatten(treedef: Any, leaves: Mapping[str, Any]) -> PyTree:
+    """Inverse of :func:`flatten` (``leaves`` in flattening order)."""
+    return jax.tree_util.tree_unflatten(treedef, list(leaves.values()))
+
+
+def first_difference(tree_a: PyTree, tree_b: PyTree) -> str:
+    """A sentence naming the first path where two pytrees' structures differ."""
+    paths_a = list(flatten(tree_a)[0])
+    paths_b = list(flatten(tree_b)[0])
+    only_a = [p for p in paths_a if p not in set(paths_b)]
+    only_b = [p for p in paths_b if p not in set(paths_a)]
+    if only_a or only_b:
+        return f"leaves only in the first: {only_a[:5]}; only in the second: {only_b[:5]}"
+    return "same leaf paths but different container types (e.g. dict against nnx.State)"
+
+
+class ModelStack:
+    """K parameter pytrees of one structure, as flat ``{path: leaf}`` dicts.
+
+    ``stacked`` holds leaves with a leading K axis when every model has the same shapes
+    (so per-model work can be ``vmap``ed); otherwise ``models`` holds one dict per model.
+    """
+
+    def __init__(self, params_list: PyTree | Sequence[PyTree], what: str = "params_list"):
+        if isinstance(params_list, (list, tuple)):
+            if len(params_list) == 0:
+                raise FusionInputError(f"{what} is empty: fusion needs at least one model (K >= 1)")
+            flats = []
+            self.treedef = None
+            for k, params in enumerate(params_list):
+                leaves, treedef = flatten(params)
+                if self.treedef is None:
+                    self.treedef = treedef
+                elif treedef != self.treedef:
+                    raise FusionInputError(
+                        f"{what}[{k}] has a different tree structure from {what}[0]: "
+                        f"{first_difference(params_list[0], params)}"
+                    )
+                flats.append(leaves)
+            self.num_models = len(flats)
+            same_shapes = all(
+                np.shape(flat[p]) == np.shape(flats[0][p]) for flat in flats for p in flats[0]
+            )
+            if same_shapes:
+                self.stacked = {p: jnp.stack([flat[p] for flat in flats]) for p in flats[0]}
+                self.models = None
+            else:
+                self.stacked = None
+                self.models = flats
+        else:
+            leaves, self.treedef = flatten(params_list)
+            if not leaves:
+                raise FusionInputError(f"{what} has no leaves")
+            sizes = {p: (np.shape(x)[0] if np.ndim(x) else None) for p, x in leaves.items()}
+            first_path, num = next(iter(sizes.items()))
+            for p, n in sizes.items():
+                if n is None or n != num:
+                    raise FusionInputError(
+                        f"{what} is one pytree, so every leaf needs the same leading model axis: "
+                        f"{first_path!r} has {num} models on axis 0 but {p!r} has "
+                        f"{'no axes' if n is None else f'{n} on axis 0'}"
+                    )
+            if num == 0:
+                raise FusionInputError(f"{what} has a model axis of size 0: fusion needs K >= 1")
+            self.num_models = num
+            self.stacked = {p: jnp.asarray(x) for p, x in leaves.items()}
+            self.models = None
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.stacked if self.stacked is not None else self.models[0])
+
+    @property
+    def dtypes(self) -> dict[str, Any]:
+        leaves = self.stacked if self.stacked is not None else self.models[0]
+        return {p: jnp.result_type(x) for p, x in leaves.items()}
+
+    def model(self, k: int) -> dict[str, Any]:
+        """Model k's flat leaves."""
+        if self.stacked is not None:
+            return {p: x[k] for p, x in self.stacked.items()}
+        return self.models[k]
+
+    def shapes(self, k: int) -> dict[str, tuple[int, ...]]:
+        if self.stacked is not None:
+            return {p: tuple(np.shape(x)[1:]) for p, x in self.stacked.items()}
+        return {p: tuple(np.shape(x)) for p, x in self.models[k].items()}
