@@ -234,18 +234,16 @@ def _align_flat(config, stacked, model_list, target_leaves, inputs, target_index
         else:
             target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
             target_acts = _model_activations(config, target_treedef, target_leaves, inputs)
-        num = next(iter(stacked.values())).shape[0]
-        is_target = (
-            jnp.arange(num) == target_index if target_index is not None else jnp.zeros(num, bool)
-        )
-
         def per_model(leaves, acts, is_t):
             results, maps = solve_model_plans(
                 config, leaves, widths, target_leaves, target_widths, is_t, acts, target_acts
             )
             return transport_model(leaves, spec.leaves, maps, widths), results
 
-        return jax.vmap(per_model)(stacked, all_acts, is_target)
+        if target_index is None:  # no model is the target: statically False, not a traced mask
+            return jax.vmap(lambda leaves, acts: per_model(leaves, acts, False))(stacked, all_acts)
+        num = next(iter(stacked.values())).shape[0]
+        return jax.vmap(per_model)(stacked, all_acts, jnp.arange(num) == target_index)
 
     all_widths = [spec.validate({p: x.shape for p, x in leaves.items()}) for leaves in model_list]
     if target_index is not None:
@@ -335,8 +333,8 @@ def warn_unconverged(plans: Mapping[str, OTResult | tuple[OTResult, ...]]) -> No
             bad = np.flatnonzero(~flags).tolist()
             warnings.warn(
                 f"group {group!r}: the OT solver did not converge for models {bad} "
-                f"(stopped after {iters[bad].tolist()} iterations); raise max_iterations or "
-                f"epsilon, or use jfusion.Exact()",
+                f"(stopped after {', '.join(str(i) for i in iters[bad])} iterations); raise "
+                f"max_iterations or epsilon, or use jfusion.Exact()",
                 ConvergenceWarning,
                 stacklevel=3,
             )

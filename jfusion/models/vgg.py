@@ -1,0 +1,115 @@
+"""VGG networks for CIFAR-size images (OTFusion's CIFAR10 VGG11 is ``VGG(use_bias=False)``)."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jfusion.spec import Spec
+
+Layer = Union[int, str]
+
+# Conv widths, with "M" for a 2x2 max-pool (Simonyan & Zisserman's configuration A).
+VGG11: tuple[Layer, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def _scaled(width: int, multiplier: float) -> int:
+    return max(1, int(round(width * multiplier)))
+
+
+class VGG(nn.Module):
+    """3x3 convs ``Conv_i`` (each optionally followed by ``BatchNorm_i``, then ReLU), 2x2
+    max-pools at the ``"M"`` entries, a global average pool and one ``Dense_0`` head.
+
+    ``i`` counts convs only (pools are not numbered). Pools use ``"SAME"`` padding: on even
+    sizes this is PyTorch's ``MaxPool2d(2, 2)``, and odd sizes round up (28x28 inputs go
+    28-14-7-4-2-1 through VGG11's five pools instead of dying at 0). The head reads the
+    global average of the last feature map: for 32x32 inputs to VGG11 that map is 1x1, so
+    this is exactly OTFusion's flatten followed by ``Linear(512, num_classes)``; for other
+    sizes it keeps the head at ``c_last -> num_classes``, so the Spec does not depend on the
+    input size.
+
+    Pre-activations (the conv output, after BatchNorm when ``batch_norm``) are sown into
+    ``"activations"`` as ``c0, c1, ...``, the group names of :func:`vgg_spec`.
+
+    Attributes:
+      features: conv widths and ``"M"`` pools, e.g. :data:`VGG11`.
+      batch_norm: a BatchNorm after every conv; ``__call__(x, train=True)`` then uses
+        batch statistics and updates ``batch_stats`` (pass ``mutable=["batch_stats"]``).
+      num_classes: logits.
+      use_bias: biases on the convs and the head (OTFusion's VGG11 has none).
+      width: multiplier of every conv width (rounded, at least 1).
+    """
+
+    features: Sequence[Layer] = VGG11
+    batch_norm: bool = False
+    num_classes: int = 10
+    use_bias: bool = True
+    width: float = 1.0
+
+    def _record(self, group: str, x: jax.Array) -> None:
+        # Sown only when applying: init must return parameters alone.
+        if not self.is_initializing():
+            self.sow("activations", group, x)
+
+    def spec(self) -> Spec:
+        """This model's Spec (see :func:`vgg_spec`)."""
+        return vgg_spec(self.features, batch_norm=self.batch_norm, use_bias=self.use_bias)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim == 3:
+            x = x[..., None]
+        i = 0
+        for layer in self.features:
+            if layer == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+                continue
+            x = nn.Conv(
+                _scaled(layer, self.width), (3, 3), padding=1, use_bias=self.use_bias, name=f"Conv_{i}"
+            )(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"BatchNorm_{i}"
+                )(x)
+            self._record(f"c{i}", x)
+            x = nn.relu(x)
+            i += 1
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="Dense_0")(x)
+
+
+def vgg_spec(
+    features: Sequence[Layer] = VGG11,
+    *,
+    batch_norm: bool = False,
+    use_bias: bool = True,
+) -> Spec:
+    """Spec of :class:`VGG` models with these ``features`` (any ``width`` multiplier).
+
+    Conv ``i`` (counting convs only) writes group ``c{i}``: its kernel ``(3, 3, c{i-1}, c{i})``
+    (the first reads the ungrouped image channels), its bias, and ``BatchNorm_i``'s
+    ``params`` scale/bias and ``batch_stats`` mean/var. The head ``Dense_0`` reads the last
+    conv's group (after global average pooling, no view is needed) and writes ungrouped logits.
+    """
+    num_convs = sum(layer != "M" for layer in features)
+    if num_convs == 0:
+        raise ValueError(f"features {tuple(features)} has no conv layer")
+    axes = {}
+    for i in range(num_convs):
+        group = f"c{i}"
+        axes[f"params/Conv_{i}/kernel"] = (None, None, f"c{i - 1}" if i else None, group)
+        if use_bias:
+            axes[f"params/Conv_{i}/bias"] = (group,)
+        if batch_norm:
+            for name in ("scale", "bias"):
+                axes[f"params/BatchNorm_{i}/{name}"] = (group,)
+            for name in ("mean", "var"):
+                axes[f"batch_stats/BatchNorm_{i}/{name}"] = (group,)
+    axes["params/Dense_0/kernel"] = (f"c{num_convs - 1}", None)
+    if use_bias:
+        axes["params/Dense_0/bias"] = (None,)
+    return Spec(axes)

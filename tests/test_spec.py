@@ -1,0 +1,133 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jfusion
+from jfusion.models import CNN, MLP, cnn_spec, mlp_spec
+from jfusion.tree import flatten
+
+
+def shapes_of(tree):
+    return {p: np.shape(x) for p, x in flatten(tree)[0].items()}
+
+
+def test_groups_are_in_topological_order_whatever_the_dict_order():
+    spec = jfusion.Spec(
+        {
+            "params/Dense_2/kernel": ("h1", None),
+            "params/Dense_1/kernel": ("h0", "h1"),
+            "params/Dense_0/kernel": (None, "h0"),
+        }
+    )
+    assert spec.groups == ("h0", "h1")
+    assert [leaf.path for leaf in spec.writers("h1")] == ["params/Dense_1/kernel"]
+    assert [leaf.path for leaf in spec.readers("h1")] == ["params/Dense_2/kernel"]
+
+
+def test_view_dims_output_and_input_groups():
+    leaf = jfusion.Spec({"k": ((49, "c"), "f"), "c": (None, "c"), "f": ("f",)})["k"]
+    assert leaf.dims == (49, "c", "f")
+    assert leaf.output_group == "f" and leaf.input_groups == ("c",)
+    assert leaf.view_shape((49 * 8, 16), {"c": 8, "f": 16}) == (49, 8, 16)
+    assert leaf.shape_for((49 * 8, 16), {"c": 8, "f": 16}, {"c": 4, "f": 16}) == (49 * 4, 16)
+
+
+def test_validate_reads_widths_including_groups_only_known_from_views():
+    spec = cnn_spec(2, 2, 49)
+    variables = CNN((8, 16), (32, 10)).init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
+    assert spec.validate(shapes_of(variables)) == {"c0": 8, "c1": 16, "f0": 32}
+
+
+def test_a_view_with_an_inferred_dim_gives_the_group_its_size():
+    spec = jfusion.Spec({"w": ((None, "g"), None), "b": (None, "g")})
+    assert spec.validate({"w": (6 * 7, 3), "b": (5, 7)}) == {"g": 7}
+    with pytest.raises(jfusion.SpecError, match=r"w axis 0 .*size 40.*not divisible|w: axis 0 has size 40"):
+        spec.validate({"w": (40, 3), "b": (5, 7)})
+
+
+def test_missing_path_names_the_path():
+    spec = mlp_spec(3)
+    shapes = shapes_of(MLP((4, 5, 2)).init(jax.random.key(0), jnp.ones((1, 3))))
+    del shapes["params/Dense_1/bias"]
+    with pytest.raises(jfusion.SpecError, match=r"params/Dense_1/bias.*no such leaves"):
+        spec.validate(shapes, "model 1")
+
+
+def test_unlabelled_leaf_is_an_error_that_says_how_to_declare_it():
+    spec = mlp_spec(2, bias=False)
+    shapes = shapes_of(MLP((4, 2)).init(jax.random.key(0), jnp.ones((1, 3))))
+    with pytest.raises(jfusion.SpecError, match=r"Dense_0/bias.*not in the spec.*None per axis"):
+        spec.validate(shapes)
+
+
+def test_wrong_axis_count_names_path_and_shapes():
+    spec = jfusion.Spec({"params/w": (None, "h"), "params/b": ("h",)})
+    with pytest.raises(jfusion.SpecError, match=r"params/w has 3 axes \(shape \(2, 3, 4\)\).*labels 2"):
+        spec.validate({"params/w": (2, 3, 4), "params/b": (4,)})
+
+
+def test_one_group_with_two_sizes_names_both_leaves_axes_and_sizes():
+    spec = mlp_spec(3)
+    shapes = shapes_of(MLP((4, 5, 2)).init(jax.random.key(0), jnp.ones((1, 3))))
+    shapes["params/Dense_0/bias"] = (7,)
+    with pytest.raises(jfusion.SpecError) as err:
+        spec.validate(shapes, "model 0")
+    message = str(err.value)
+    for part in ["model 0", "params/Dense_0/bias axis 0", "size 7", "'h0'", "params/Dense_0/kernel axis 1", "size 4"]:
+        assert part in message
+
+
+def test_malformed_specs_are_rejected_when_built():
+    with pytest.raises(jfusion.SpecError, match="no leaf writes it"):
+        jfusion.Spec({"a": ("h", None)})
+    with pytest.raises(jfusion.SpecError, match="cycle"):
+        jfusion.Spec({"a": ("g", "h"), "b": ("h", "g")})
+    with pytest.raises(jfusion.SpecError, match="more than one inferred"):
+        jfusion.Spec({"a": ((None, None), "h")})
+
+
+def test_spec_is_hashable_and_equal_by_value():
+    assert hash(mlp_spec(3)) == hash(mlp_spec(3))
+    assert mlp_spec(3) == jfusion.Spec(mlp_spec(3).as_dict())
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.first = nnx.Linear(6, 5, rngs=rngs)
+        self.second = nnx.Linear(5, 4, rngs=rngs)
+        self.out = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.second(nnx.relu(self.first(x)))))
+
+
+def test_nnx_state_paths_validate_permute_and_fuse():
+    graphdef, state = nnx.split(NnxMLP(nnx.Rngs(0)))
+    spec = mlp_spec(["first", "second", "out"], prefix="")
+    assert spec.validate(shapes_of(state)) == {"h0": 5, "h1": 4}
+
+    def apply(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    x = jax.random.normal(jax.random.key(1), (8, 6))
+    jfusion.check_spec(apply, state, spec, x)
+    permuted, _ = jfusion.permute(state, spec, jax.random.key(2))
+    fused = jfusion.fuse([state, permuted], spec)
+    assert type(fused) is type(state)
+    np.testing.assert_allclose(apply(fused, x), apply(state, x), atol=1e-5)
+
+
+def test_check_spec_catches_a_flatten_labelled_without_its_view():
+    model = CNN((4, 6), (8, 3))
+    variables = model.init(jax.random.key(0), jnp.ones((1, 12, 12, 1)))
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 1))
+    good = cnn_spec(2, 2, 9)
+    jfusion.check_spec(model.apply, variables, good, x)
+    # Treat the flattened (9 * 6) axis as ungrouped and make conv 1's group end there.
+    axes = good.as_dict()
+    axes["params/Dense_0/kernel"] = (None, "f0")
+    axes["params/Conv_1/kernel"] = (None, None, "c0", "c1")
+    with pytest.raises(jfusion.SpecError, match=r"group 'c1'.*params/Conv_1/kernel"):
+        jfusion.check_spec(model.apply, variables, jfusion.Spec(axes), x)
