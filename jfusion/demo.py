@@ -136,7 +136,8 @@ def run_demo(
 
     if print_fn is not None:
         print_fn(
-            f"jfusion demo: {num_models} MLPs {'-'.join(map(str, (64, *features)))} on digits "
+            f"jfusion demo: {num_models} MLPs "
+            f"{'-'.join(map(str, (int(np.prod(data.train_images.shape[1:])), *features)))} on digits "
             f"({len(data.train_labels)} train / {len(data.test_labels)} test images), "
             f"{epochs} epochs, trained together in {train_s:.1f} s (including compilation)\n"
         )

@@ -1,8 +1,8 @@
-"""Train K models at once: every step of all K models is one XLA program.
+"""Train K models at once: one XLA program runs a whole epoch of all K models.
 
 The K models' variables (and optimizer states) are stacked along a leading K axis and each
 step is ``vmap``ped over them, their seeds and their data subsets; an epoch is one
-``lax.scan`` over its steps. The loss is the mean cross-entropy
+``lax.scan`` over its steps, so the host only intervenes between epochs. The loss is the mean cross-entropy
 ``-1/B sum_i log softmax(f(x_i))[y_i]`` of each model's own minibatch.
 
 Subsets of unequal sizes (a special-class split gives a specialist a few hundred examples
@@ -104,7 +104,9 @@ def _init_stacked(static, keys: jax.Array, x: jax.Array) -> dict[str, Any]:
         )
         return {c: v for c, v in variables.items() if c not in _SOWN}
 
-    return jax.vmap(init_one)(keys)
+    # lax.map, not vmap: the same stacked result, and XLA compiles a batched threefry
+    # several times more slowly (seconds on CPU) than one run in a loop.
+    return jax.lax.map(init_one, keys)
 
 
 def init_models(

@@ -1,0 +1,34 @@
+"""The digits demo: trains, fuses with every method, and prints one table."""
+
+import jax
+
+from jfusion.demo import FUSION_METHODS, DemoRow, format_table, run_demo
+
+
+def test_demo_runs_end_to_end_and_tabulates_every_method():
+    printed = []
+    # The parent's own weights as a "fusion": the table must accept methods from a list.
+    first_parent = ("model 0 as a method", lambda models, spec, inputs: jax.tree.map(lambda a: a[0], models))
+    rows = run_demo(num_models=3, epochs=8, methods=FUSION_METHODS + (first_parent,), print_fn=printed.append)
+    by_name = {row.name: row for row in rows}
+    names = [name for name, _ in FUSION_METHODS]
+    assert list(by_name) == [f"model {k} (seed {k})" for k in range(3)] + ["ensemble (logits)", *names, first_parent[0]]
+    table = "\n".join(printed)
+    for row in rows:
+        assert row.name in table
+    assert all(row.first_call_s is not None and row.warm_s >= 0 for row in rows[4:])
+    assert by_name["model 0 as a method"].accuracy == by_name["model 0 (seed 0)"].accuracy
+    parents = [by_name[f"model {k} (seed {k})"].accuracy for k in range(3)]
+    assert min(parents) > 0.85
+    assert by_name["OT fusion (exact)"].accuracy > 0.5
+    assert by_name["OT fusion (Sinkhorn)"].accuracy > 0.5
+    # Unaligned averaging of independently initialised networks is what OT fusion fixes.
+    assert by_name["OT fusion (exact)"].accuracy > by_name["vanilla average"].accuracy
+
+
+def test_table_columns_line_up():
+    table = format_table([DemoRow("a", 0.5), DemoRow("a much longer name", 0.98765, 1.5, 0.0021)])
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1  # every line the same width
+    assert "98.77%" in lines[-1] and "1500.0" in lines[-1] and "2.1" in lines[-1]
+    assert lines[2].rstrip().endswith("-")
