@@ -69,16 +69,10 @@ def solve_model_plans(
     widths: Mapping[str, int],
     target_leaves: Mapping[str, jax.Array],
     target_widths: Mapping[str, int],
-    is_target: jax.Array | bool = False,
     activations: Mapping[str, jax.Array] | None = None,
     target_activations: Mapping[str, jax.Array] | None = None,
 ) -> tuple[dict[str, OTResult], dict[str, GroupMap]]:
-    """Plans sending one model's groups onto the target's, and the maps they induce.
-
-    ``is_target`` (a bool, or a traced bool under ``vmap``) marks the model the target was
-    taken from: its plans are the identity (an approximate solver would otherwise blur a
-    model against itself).
-    """
+    """Plans sending one model's groups onto the target's, and the maps they induce."""
     spec = config.spec
     results: dict[str, OTResult] = {}
     maps: dict[str, GroupMap] = {}
@@ -86,28 +80,28 @@ def solve_model_plans(
     sweeps = config.alignment.sweeps if by_weights else 1
     for _ in range(sweeps):
         for group in spec.groups:
-            n, m = widths[group], target_widths[group]
-            if is_target is True:
-                result = _identity_result(n)
+            if by_weights:
+                # Plans from this sweep, or the previous one for groups not yet redone.
+                solved, outgoing = set(maps), config.alignment.outgoing
+                x = weight_support(leaves, spec, group, widths, maps, solved, outgoing)
+                y = weight_support(target_leaves, spec, group, target_widths, {}, solved, outgoing)
             else:
-                if by_weights:
-                    # Plans from this sweep, or the previous one for groups not yet redone.
-                    solved, outgoing = set(maps), config.alignment.outgoing
-                    x = weight_support(leaves, spec, group, widths, maps, solved, outgoing)
-                    y = weight_support(target_leaves, spec, group, target_widths, {}, solved, outgoing)
-                else:
-                    x = activation_support(activations, group, n)
-                    y = activation_support(target_activations, group, m)
-                result = _solve(config, group, config.metric(x, y))
-                if is_target is not False:  # traced: one model of a vmapped stack is the target
-                    result = jax.tree.map(
-                        lambda ident, found: jnp.where(is_target, ident, found),
-                        _identity_result(n),
-                        result,
-                    )
-            results[group] = result
-            maps[group] = group_map(result.plan)
+                x = activation_support(activations, group, widths[group])
+                y = activation_support(target_activations, group, target_widths[group])
+            results[group] = _solve(config, group, config.metric(x, y))
+            maps[group] = group_map(results[group].plan)
     return results, maps
+
+
+def _align_one(config, leaves, widths, target_leaves, target_widths, acts, target_acts):
+    results, maps = solve_model_plans(config, leaves, widths, target_leaves, target_widths, acts, target_acts)
+    return transport_model(leaves, config.spec.leaves, maps, widths), results
+
+
+def _as_target(config, leaves, widths):
+    """The target model's own alignment: itself, with identity plans (nothing to solve)."""
+    results = {g: _identity_result(widths[g]) for g in config.spec.groups}
+    return {p: x.astype(jnp.float32) for p, x in leaves.items()}, results
 
 
 class Alignment(NamedTuple):
@@ -218,47 +212,63 @@ def _model_activations(config, treedef, leaves, inputs):
 
 @functools.partial(jax.jit, static_argnames=("config", "target_index", "treedef", "target_treedef"))
 def _align_flat(config, stacked, model_list, target_leaves, inputs, target_index, treedef, target_treedef):
-    """The traced core: per-model plans and transported leaves (vmapped when stacked)."""
+    """The traced core: per-model plans and transported leaves.
+
+    Models of equal widths are aligned under one ``vmap``; the model the target was taken
+    from is left out of it (its plans are the identity, and an approximate solver would
+    only blur it against itself).
+    """
     spec = config.spec
-    if stacked is not None:
-        widths = spec.validate({p: x.shape[1:] for p, x in stacked.items()})
-        all_acts = (
-            jax.vmap(lambda leaves: _model_activations(config, treedef, leaves, inputs))(stacked)
-            if isinstance(config.alignment, Activations)
-            else None
-        )
+    if stacked is None:
+        all_widths = [spec.validate({p: x.shape for p, x in leaves.items()}) for leaves in model_list]
         if target_index is not None:
-            target_leaves = {p: x[target_index] for p, x in stacked.items()}
-            target_widths = widths
-            target_acts = jax.tree.map(lambda a: a[target_index], all_acts)
-        else:
-            target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
-            target_acts = _model_activations(config, target_treedef, target_leaves, inputs)
-        def per_model(leaves, acts, is_t):
-            results, maps = solve_model_plans(
-                config, leaves, widths, target_leaves, target_widths, is_t, acts, target_acts
-            )
-            return transport_model(leaves, spec.leaves, maps, widths), results
+            target_leaves, target_treedef = model_list[target_index], treedef
+        target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
+        target_acts = _model_activations(config, target_treedef, target_leaves, inputs)
+        aligned, results = [], []
+        for k, (leaves, widths) in enumerate(zip(model_list, all_widths)):
+            if k == target_index:
+                one = _as_target(config, leaves, widths)
+            else:
+                acts = _model_activations(config, treedef, leaves, inputs)
+                one = _align_one(config, leaves, widths, target_leaves, target_widths, acts, target_acts)
+            aligned.append(one[0])
+            results.append(one[1])
+        return aligned, results
 
-        if target_index is None:  # no model is the target: statically False, not a traced mask
-            return jax.vmap(lambda leaves, acts: per_model(leaves, acts, False))(stacked, all_acts)
-        num = next(iter(stacked.values())).shape[0]
-        return jax.vmap(per_model)(stacked, all_acts, jnp.arange(num) == target_index)
+    widths = spec.validate({p: x.shape[1:] for p, x in stacked.items()})
+    all_acts = (
+        jax.vmap(lambda leaves: _model_activations(config, treedef, leaves, inputs))(stacked)
+        if isinstance(config.alignment, Activations)
+        else None
+    )
 
-    all_widths = [spec.validate({p: x.shape for p, x in leaves.items()}) for leaves in model_list]
-    if target_index is not None:
-        target_leaves, target_treedef = model_list[target_index], treedef
-    target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
-    target_acts = _model_activations(config, target_treedef, target_leaves, inputs)
-    aligned, results = [], []
-    for k, (leaves, widths) in enumerate(zip(model_list, all_widths)):
-        acts = target_acts if k == target_index else _model_activations(config, treedef, leaves, inputs)
-        res, maps = solve_model_plans(
-            config, leaves, widths, target_leaves, target_widths, k == target_index, acts, target_acts
-        )
-        aligned.append(transport_model(leaves, spec.leaves, maps, widths))
-        results.append(res)
-    return aligned, results
+    def take(tree, index):
+        return jax.tree.map(lambda x: x[index], tree)
+
+    if target_index is None:
+        target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
+        target_acts = _model_activations(config, target_treedef, target_leaves, inputs)
+    else:
+        target_leaves, target_widths = take(stacked, target_index), widths
+        target_acts = take(all_acts, target_index)
+
+    def align_one(leaves, acts):
+        return _align_one(config, leaves, widths, target_leaves, target_widths, acts, target_acts)
+
+    if target_index is None:
+        return jax.vmap(align_one)(stacked, all_acts)
+    itself = _as_target(config, target_leaves, widths)
+    num = next(iter(stacked.values())).shape[0]
+    if num == 1:
+        return jax.tree.map(lambda x: x[None], itself)
+    rest = np.array([k for k in range(num) if k != target_index])
+    aligned = jax.vmap(align_one)(take(stacked, rest), take(all_acts, rest))
+    return jax.tree.map(
+        lambda others, own: jnp.concatenate([others[:target_index], own[None], others[target_index:]]),
+        aligned,
+        itself,
+    )
 
 
 def align_problem(problem: _Problem):
