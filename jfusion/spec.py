@@ -183,17 +183,20 @@ class Spec:
 
     @property
     def groups(self) -> tuple[str, ...]:
-        """Every group, in an order where a group comes after the groups feeding it."""
+        """Every group, each after the groups feeding it where the topology allows.
+
+        A residual stream feeds the blocks that write back into it, so streams make the
+        "feeds" relation cyclic. When no group has all its inputs solved, the next one is a
+        group with at least one writer whose inputs are all solved -- the stem or the
+        projection shortcut that opens the stream; its other writers join its support in a
+        second sweep (:class:`jfusion.Weights`). OTFusion likewise takes a stream's map from
+        its earliest layer.
+        """
         names: list[str] = []
         for leaf in self.leaves:
             for g in leaf.groups:
                 if g not in names:
                     names.append(g)
-        feeds = {g: set() for g in names}
-        for leaf in self.leaves:
-            out = leaf.output_group
-            if out is not None:
-                feeds[out].update(g for g in leaf.input_groups if g != out)
         for g in names:
             if not self.writers(g):
                 readers = [leaf.path for leaf in self.readers(g)]
@@ -201,15 +204,24 @@ class Spec:
                     f"group {g!r} is read by {readers} but no leaf writes it (carries it on its "
                     f"last axis), so it has no incoming weights to align by"
                 )
+
+        def inputs(leaf: LeafSpec, group: str) -> set[str]:
+            return {g for g in leaf.input_groups if g != group}
+
         order: list[str] = []
-        remaining = list(names)
-        while remaining:
-            ready = [g for g in remaining if feeds[g] <= set(order)]
+        while len(order) < len(names):
+            solved = set(order)
+            remaining = [g for g in names if g not in solved]
+            ready = [g for g in remaining if all(inputs(w, g) <= solved for w in self.writers(g))]
             if not ready:
-                cycle = {g: sorted(feeds[g] - set(order)) for g in remaining}
-                raise SpecError(f"groups feed each other in a cycle: {cycle}")
+                ready = [g for g in remaining if any(inputs(w, g) <= solved for w in self.writers(g))][:1]
+            if not ready:
+                waiting = {
+                    g: sorted(set().union(*(inputs(w, g) for w in self.writers(g))) - solved)
+                    for g in remaining
+                }
+                raise SpecError(f"groups feed each other in a cycle with no entry point: {waiting}")
             order.extend(ready)
-            remaining = [g for g in remaining if g not in ready]
         return tuple(order)
 
     def validate(self, shapes: Mapping[str, Sequence[int]], model: str = "model") -> dict[str, int]:
