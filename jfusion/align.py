@@ -204,10 +204,13 @@ def prepare(
     return _Problem(config, models, target_index, target_leaves, target_treedef, inputs)
 
 
-def _model_activations(config, treedef, leaves, inputs):
-    if not isinstance(config.alignment, Activations):
+def _model_activations(config, treedef, leaves, inputs, of_target=False):
+    """Each group's activations of one model (None when aligning by weights)."""
+    alignment = config.alignment
+    if not isinstance(alignment, Activations):
         return None
-    return dict(config.alignment.fn(unflatten(treedef, leaves), inputs))
+    fn = alignment.target_fn if of_target and alignment.target_fn is not None else alignment.fn
+    return dict(fn(unflatten(treedef, leaves), inputs))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "target_index", "treedef", "target_treedef"))
@@ -224,7 +227,9 @@ def _align_flat(config, stacked, model_list, target_leaves, inputs, target_index
         if target_index is not None:
             target_leaves, target_treedef = model_list[target_index], treedef
         target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
-        target_acts = _model_activations(config, target_treedef, target_leaves, inputs)
+        target_acts = _model_activations(
+            config, target_treedef, target_leaves, inputs, of_target=target_index is None
+        )
         aligned, results = [], []
         for k, (leaves, widths) in enumerate(zip(model_list, all_widths)):
             if k == target_index:
@@ -248,7 +253,7 @@ def _align_flat(config, stacked, model_list, target_leaves, inputs, target_index
 
     if target_index is None:
         target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
-        target_acts = _model_activations(config, target_treedef, target_leaves, inputs)
+        target_acts = _model_activations(config, target_treedef, target_leaves, inputs, of_target=True)
     else:
         target_leaves, target_widths = take(stacked, target_index), widths
         target_acts = take(all_acts, target_index)

@@ -44,18 +44,88 @@ class Weights:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModuleActivations:
+    """Each group's activations from a linen module: what it sows, or chosen module outputs.
+
+    With no ``points``, the module's ``sow(collection, group, x)`` calls give the groups'
+    activations (jfusion's reference models sow every group's pre-activations); values sown
+    under one group name in several places (the writers of a residual stream) are stacked
+    along the sample axis. ``points`` instead maps groups to module paths
+    (``{"h0": "Dense_0", "s1": "layer1/block0/bn2"}``) whose outputs are captured with linen's
+    ``capture_intermediates``, for models that sow nothing.
+
+    Hashable (a frozen dataclass of the module and tuples), so jit caches its programs.
+    """
+
+    module: Any
+    collection: str = "activations"
+    points: tuple[tuple[str, str], ...] = ()
+    apply_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
+        kwargs = dict(self.apply_kwargs)
+        if self.points:
+            _, state = self.module.apply(
+                variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
+            )
+            return {group: _captured(state["intermediates"], group, path) for group, path in self.points}
+        _, state = self.module.apply(variables, inputs, mutable=[self.collection], **kwargs)
+        sown: dict[str, list[jax.Array]] = {}
+        for keypath, value in jax.tree_util.tree_flatten_with_path(state.get(self.collection, {}))[0]:
+            # sow keeps a tuple of values under the name: the path ends (..., name, index).
+            name = str(keypath[-2].key)
+            sown.setdefault(name, []).append(value.reshape(-1, value.shape[-1]))
+        return {name: jnp.concatenate(values, axis=0) for name, values in sown.items()}
+
+
+def _captured(intermediates: Mapping[str, Any], group: str, path: str) -> jax.Array:
+    node = intermediates
+    for name in path.split("/"):
+        if name not in node:
+            raise SpecError(
+                f"group {group!r}: no module {path!r} ran (captured: {sorted(node)} at {name!r})"
+            )
+        node = node[name]
+    values = node["__call__"]
+    return jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in values], axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Activations:
     """Align by activations.
 
     Attributes:
       fn: ``fn(variables, inputs) -> {group: array (..., n_group)}``, each group's
         pre-activations with the neuron axis last. It runs inside the fused program,
-        ``vmap``ed over the K models; the reference models in ``jfusion.models`` provide
-        one, and :func:`jfusion.capture_activations` builds one from a linen module.
+        ``vmap``ed over the K models. :meth:`from_module` builds one from a linen module.
+      target_fn: the same for a target given as a pytree of another architecture (other
+        widths need another module instance); ``fn`` when None.
     """
 
     fn: Callable[[Any, jax.Array], Mapping[str, jax.Array]]
+    target_fn: Callable[[Any, jax.Array], Mapping[str, jax.Array]] | None = None
 
+    @classmethod
+    def from_module(
+        cls,
+        module: Any,
+        *,
+        target_module: Any = None,
+        points: Mapping[str, str] | None = None,
+        collection: str = "activations",
+        **apply_kwargs: Any,
+    ) -> "Activations":
+        """Activations of a linen module (see :class:`ModuleActivations`).
+
+        ``apply_kwargs`` go to ``module.apply`` (e.g. ``train=False`` for BatchNorm models);
+        ``target_module`` is the module of a target of other widths.
+        """
+        def source(m):
+            return ModuleActivations(
+                m, collection, tuple((points or {}).items()), tuple(sorted(apply_kwargs.items()))
+            )
+
+        return cls(source(module), None if target_module is None else source(target_module))
 
 AlignmentMethod = Weights | Activations
 
