@@ -5,6 +5,8 @@ neuron: supports (weights or activations) -> costs -> plans ``T_k`` -> transport
 
 * OT fusion -- Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020:
   :func:`fuse`, :func:`align`.
+* Activation alignment: :class:`Activations` (``Activations.from_module(model)``).
+* BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, checked with :func:`check_spec`; :func:`permute` plants
   random permutations.
@@ -15,10 +17,11 @@ from jfusion.baselines import ensemble_apply, vanilla_average
 from jfusion.check import check_spec, permute
 from jfusion.costs import GroundMetric
 from jfusion.errors import ConvergenceWarning, FusionInputError, JFusionError, SpecError
+from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
 from jfusion.fuse import fuse
 from jfusion.solvers import Exact, OTResult, Sinkhorn
 from jfusion.spec import LeafSpec, Spec
-from jfusion.support import Activations, Weights
+from jfusion.support import Activations, ModuleActivations, Weights
 
 __all__ = [
     "Activations",
@@ -29,6 +32,7 @@ __all__ = [
     "GroundMetric",
     "JFusionError",
     "LeafSpec",
+    "ModuleActivations",
     "OTResult",
     "Sinkhorn",
     "Spec",
@@ -38,6 +42,8 @@ __all__ = [
     "check_spec",
     "ensemble_apply",
     "fuse",
+    "loss_barrier",
     "permute",
+    "recalibrate_batch_stats",
     "vanilla_average",
 ]

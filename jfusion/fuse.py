@@ -16,6 +16,7 @@ import numpy as np
 from jfusion.align import align_problem, prepare, warn_unconverged
 from jfusion.costs import GroundMetric
 from jfusion.errors import FusionInputError
+from jfusion.evaluate import TrainApply, recalibrate_batch_stats
 from jfusion.solvers import Exact, Solver
 from jfusion.spec import Spec
 from jfusion.support import AlignmentMethod
@@ -62,6 +63,7 @@ def fuse(
     weights: jax.Array | Sequence[float] | None = None,
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
+    recalibrate: tuple[TrainApply, jax.Array] | None = None,
 ) -> PyTree:
     """Fuse K models into one by optimal-transport alignment and weighted averaging.
 
@@ -77,6 +79,8 @@ def fuse(
 
     Args: as :func:`jfusion.align`, plus
       weights: model weights ``w_k`` (K,), normalised to sum to one; uniform by default.
+      recalibrate: ``(train_apply, batches)``: recompute the fused model's BatchNorm
+        statistics on these batches (see :func:`jfusion.recalibrate_batch_stats`).
 
     Returns:
       The fused pytree, with the target's structure, widths and dtypes.
@@ -93,4 +97,8 @@ def fuse(
     if isinstance(results, list):
         results = {g: tuple(r[g] for r in results) for g in spec.groups}
     warn_unconverged(results)
-    return unflatten(problem.target_treedef, fused)
+    fused = unflatten(problem.target_treedef, fused)
+    if recalibrate is not None:
+        train_apply, batches = recalibrate
+        fused = recalibrate_batch_stats(train_apply, fused, batches)
+    return fused
