@@ -32,16 +32,6 @@ from jfusion.transport import GroupMap, group_map, transport_model
 from jfusion.tree import ModelStack, PyTree, first_difference, flatten, unflatten
 
 
-@dataclasses.dataclass(frozen=True)
-class PlanConfig:
-    """Everything static about how plans are found (hashable: a ``jit`` static argument)."""
-
-    spec: Spec
-    solver: Solver
-    alignment: AlignmentMethod
-    metric: GroundMetric
-
-
 def _uniform(n: int) -> jax.Array:
     return jnp.full((n,), 1.0 / n, jnp.float32)
 
@@ -55,12 +45,52 @@ def _identity_result(n: int) -> OTResult:
     )
 
 
-def _solve(config: PlanConfig, group: str, cost: jax.Array) -> OTResult:
+def solve_balanced(solver: Solver, group: str, cost: jax.Array) -> OTResult:
+    """OT between uniform measures on the cost's rows and columns."""
     n, m = cost.shape
     try:
-        return config.solver(cost, _uniform(n), _uniform(m))
+        return solver(cost, _uniform(n), _uniform(m))
     except FusionInputError as err:
         raise FusionInputError(f"group {group!r}: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class OTPlans:
+    """OT fusion's plans: each model's neurons onto the target's, balanced (OTFusion).
+
+    A *plan producer* decides what a group's plan is given the cost between a model's and the
+    target's neurons; transport and combine are shared by every method. Producers are
+    frozen dataclasses (static under ``jit``) with two methods:
+
+    * ``solve(solver, group, cost, position) -> OTResult``: the plan ``(n_k, m_out)`` of the
+      model at ``position`` among the aligned models (a traced int under ``vmap``);
+    * ``target_result(group, width) -> OTResult | None``: the plan ``(m, m_out)`` of the
+      model the target was taken from, None when it is the identity;
+    * ``coverage(group, received) -> (K, m_out)``: from the mass ``received (K, m_out)`` each
+      model's plan sends to each slot, the share of the slot each model fills; combine
+      weights model k in slot q by ``w_k coverage_k[q]``.
+    """
+
+    def solve(self, solver: Solver, group: str, cost: jax.Array, position: Any) -> OTResult:
+        return solve_balanced(solver, group, cost)
+
+    def target_result(self, group: str, width: int) -> OTResult | None:
+        return None
+
+    def coverage(self, group: str, received: jax.Array) -> jax.Array:
+        # Balanced plans fill every slot of every model: plain model weights.
+        return jnp.ones_like(received)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """Everything static about how plans are found (hashable: a ``jit`` static argument)."""
+
+    spec: Spec
+    solver: Solver
+    alignment: AlignmentMethod
+    metric: GroundMetric
+    plans: Any = OTPlans()
 
 
 def solve_model_plans(
@@ -71,8 +101,14 @@ def solve_model_plans(
     target_widths: Mapping[str, int],
     activations: Mapping[str, jax.Array] | None = None,
     target_activations: Mapping[str, jax.Array] | None = None,
+    position: Any = 0,
+    target_maps: Mapping[str, GroupMap] | None = None,
 ) -> tuple[dict[str, OTResult], dict[str, GroupMap]]:
-    """Plans sending one model's groups onto the target's, and the maps they induce."""
+    """Plans sending one model's groups onto the target's, and the maps they induce.
+
+    ``target_maps`` carries the target into the output layout when that is wider than the
+    target (partial fusion), so both supports are read in one basis.
+    """
     spec = config.spec
     results: dict[str, OTResult] = {}
     maps: dict[str, GroupMap] = {}
@@ -84,24 +120,28 @@ def solve_model_plans(
                 # Plans from this sweep, or the previous one for groups not yet redone.
                 solved, outgoing = set(maps), config.alignment.outgoing
                 x = weight_support(leaves, spec, group, widths, maps, solved, outgoing)
-                y = weight_support(target_leaves, spec, group, target_widths, {}, solved, outgoing)
+                y = weight_support(
+                    target_leaves, spec, group, target_widths, target_maps or {}, solved, outgoing
+                )
             else:
                 x = activation_support(activations, group, widths[group])
                 y = activation_support(target_activations, group, target_widths[group])
-            results[group] = _solve(config, group, config.metric(x, y))
+            results[group] = config.plans.solve(config.solver, group, config.metric(x, y), position)
             maps[group] = group_map(results[group].plan)
     return results, maps
 
 
-def _align_one(config, leaves, widths, target_leaves, target_widths, acts, target_acts):
-    results, maps = solve_model_plans(config, leaves, widths, target_leaves, target_widths, acts, target_acts)
-    return transport_model(leaves, config.spec.leaves, maps, widths), results
-
-
-def _as_target(config, leaves, widths):
-    """The target model's own alignment: itself, with identity plans (nothing to solve)."""
-    results = {g: _identity_result(widths[g]) for g in config.spec.groups}
-    return {p: x.astype(jnp.float32) for p, x in leaves.items()}, results
+def _target_alignment(config, leaves, widths):
+    """The target model's own plans (the identity unless the layout is wider) and leaves."""
+    results, maps = {}, {}
+    for group in config.spec.groups:
+        result = config.plans.target_result(group, widths[group])
+        if result is None:
+            results[group] = _identity_result(widths[group])
+        else:
+            results[group], maps[group] = result, group_map(result.plan)
+    aligned = transport_model(leaves, config.spec.leaves, maps, widths)
+    return aligned, results, maps
 
 
 class Alignment(NamedTuple):
@@ -158,11 +198,12 @@ def prepare(
     metric: GroundMetric,
     target: int | PyTree,
     inputs: jax.Array | None,
+    plans: Any = OTPlans(),
 ) -> _Problem:
     """Validate everything that can be checked before tracing; raise named errors."""
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a jfusion.Spec, not {type(spec).__name__}; wrap your dict in Spec(...)")
-    config = PlanConfig(spec, solver, resolve_alignment(alignment), metric)
+    config = PlanConfig(spec, solver, resolve_alignment(alignment), metric, plans)
     models = ModelStack(params_list)
     num = models.num_models
     all_widths = [spec.validate(models.shapes(k), f"model {k}") for k in range(num)]
@@ -214,12 +255,12 @@ def _model_activations(config, treedef, leaves, inputs, of_target=False):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "target_index", "treedef", "target_treedef"))
-def _align_flat(config, stacked, model_list, target_leaves, inputs, target_index, treedef, target_treedef):
+def align_flat(config, stacked, model_list, target_leaves, inputs, target_index, treedef, target_treedef):
     """The traced core: per-model plans and transported leaves.
 
     Models of equal widths are aligned under one ``vmap``; the model the target was taken
-    from is left out of it (its plans are the identity, and an approximate solver would
-    only blur it against itself).
+    from is left out of it (its plans are fixed, and an approximate solver would only blur
+    it against itself). ``position`` counts the aligned models in order, skipping it.
     """
     spec = config.spec
     if stacked is None:
@@ -230,15 +271,21 @@ def _align_flat(config, stacked, model_list, target_leaves, inputs, target_index
         target_acts = _model_activations(
             config, target_treedef, target_leaves, inputs, of_target=target_index is None
         )
+        target_aligned, target_results, target_maps = _target_alignment(config, target_leaves, target_widths)
         aligned, results = [], []
+        others = [k for k in range(len(model_list)) if k != target_index]
         for k, (leaves, widths) in enumerate(zip(model_list, all_widths)):
             if k == target_index:
-                one = _as_target(config, leaves, widths)
-            else:
-                acts = _model_activations(config, treedef, leaves, inputs)
-                one = _align_one(config, leaves, widths, target_leaves, target_widths, acts, target_acts)
-            aligned.append(one[0])
-            results.append(one[1])
+                aligned.append(target_aligned)
+                results.append(target_results)
+                continue
+            acts = _model_activations(config, treedef, leaves, inputs)
+            res, maps = solve_model_plans(
+                config, leaves, widths, target_leaves, target_widths, acts, target_acts,
+                others.index(k), target_maps,
+            )
+            aligned.append(transport_model(leaves, spec.leaves, maps, widths))
+            results.append(res)
         return aligned, results
 
     widths = spec.validate({p: x.shape[1:] for p, x in stacked.items()})
@@ -251,35 +298,41 @@ def _align_flat(config, stacked, model_list, target_leaves, inputs, target_index
     def take(tree, index):
         return jax.tree.map(lambda x: x[index], tree)
 
+    num = next(iter(stacked.values())).shape[0]
     if target_index is None:
         target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
         target_acts = _model_activations(config, target_treedef, target_leaves, inputs, of_target=True)
+        target_maps = {}
+        others = np.arange(num)
     else:
         target_leaves, target_widths = take(stacked, target_index), widths
         target_acts = take(all_acts, target_index)
+        itself, itself_results, target_maps = _target_alignment(config, target_leaves, widths)
+        others = np.array([k for k in range(num) if k != target_index], dtype=np.int32)
 
-    def align_one(leaves, acts):
-        return _align_one(config, leaves, widths, target_leaves, target_widths, acts, target_acts)
+    def align_one(leaves, acts, position):
+        results, maps = solve_model_plans(
+            config, leaves, widths, target_leaves, target_widths, acts, target_acts, position, target_maps
+        )
+        return transport_model(leaves, spec.leaves, maps, widths), results
 
+    if others.size:
+        aligned = jax.vmap(align_one)(take(stacked, others), take(all_acts, others), jnp.arange(others.size))
     if target_index is None:
-        return jax.vmap(align_one)(stacked, all_acts)
-    itself = _as_target(config, target_leaves, widths)
-    num = next(iter(stacked.values())).shape[0]
-    if num == 1:
-        return jax.tree.map(lambda x: x[None], itself)
-    rest = np.array([k for k in range(num) if k != target_index])
-    aligned = jax.vmap(align_one)(take(stacked, rest), take(all_acts, rest))
+        return aligned
+    if not others.size:
+        return jax.tree.map(lambda x: x[None], (itself, itself_results))
     return jax.tree.map(
-        lambda others, own: jnp.concatenate([others[:target_index], own[None], others[target_index:]]),
+        lambda rest, own: jnp.concatenate([rest[:target_index], own[None], rest[target_index:]]),
         aligned,
-        itself,
+        (itself, itself_results),
     )
 
 
 def align_problem(problem: _Problem):
     """Run the jitted core on a prepared problem: ``(aligned leaves, per-model results)``."""
     models = problem.models
-    return _align_flat(
+    return align_flat(
         problem.config,
         models.stacked,
         models.models,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jfusion.errors import FusionInputError
-from jfusion.fuse import combine, model_weights
+from jfusion.fuse import model_weights, weighted_sum
 from jfusion.tree import ModelStack, PyTree, unflatten
 
 
@@ -29,7 +29,7 @@ def vanilla_average(
             f"{shapes[k][path]} in model {k}; use jfusion.fuse to combine different widths"
         )
     w = model_weights(weights, models.num_models)
-    return unflatten(models.treedef, combine(models.stacked, w, models.dtypes))
+    return unflatten(models.treedef, weighted_sum(models.stacked, w, models.dtypes))
 
 
 def ensemble_apply(

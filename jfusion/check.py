@@ -16,7 +16,7 @@ import numpy as np
 
 from jfusion.errors import SpecError
 from jfusion.spec import Spec
-from jfusion.transport import GroupMap, transport_leaf
+from jfusion.transport import permute_groups
 from jfusion.tree import PyTree, flatten, unflatten
 
 
@@ -34,20 +34,9 @@ def permute(
     leaves, treedef = flatten(params)
     widths = spec.validate({p: np.shape(x) for p, x in leaves.items()}, "params")
     chosen = spec.groups if groups is None else groups
-    perms, maps = {}, {}
-    for group, k in zip(chosen, jax.random.split(key, len(chosen))):
-        perm = jax.random.permutation(k, widths[group])
-        matrix = jax.nn.one_hot(perm, widths[group], dtype=jnp.float32).T  # [old, new]
-        perms[group], maps[group] = perm, GroupMap(matrix, matrix)
-    out = {}
-    for path, x in leaves.items():
-        leaf = spec[path]
-        out[path] = (
-            transport_leaf(jnp.asarray(x), leaf, maps, widths).astype(jnp.result_type(x))
-            if any(g in maps for g in leaf.groups)
-            else x
-        )
-    return unflatten(treedef, out), perms
+    perms = {g: jax.random.permutation(k, widths[g]) for g, k in zip(chosen, jax.random.split(key, len(chosen)))}
+    leaves = {p: jnp.asarray(x) for p, x in leaves.items()}
+    return unflatten(treedef, permute_groups(leaves, spec, perms, widths)), perms
 
 
 def _max_difference(a: PyTree, b: PyTree) -> float:

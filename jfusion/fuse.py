@@ -7,20 +7,23 @@ multi-model extension).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+import warnings
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.align import align_problem, prepare, warn_unconverged
+from jfusion.align import PlanConfig, align_flat, align_problem, prepare, warn_unconverged
 from jfusion.costs import GroundMetric
-from jfusion.errors import FusionInputError
+from jfusion.errors import ConvergenceWarning, FusionInputError
 from jfusion.evaluate import TrainApply, recalibrate_batch_stats
-from jfusion.solvers import Exact, Solver
+from jfusion.solvers import Exact, OTResult, Solver
 from jfusion.spec import Spec
 from jfusion.support import AlignmentMethod
-from jfusion.tree import PyTree, unflatten
+from jfusion.prune import prune
+from jfusion.tree import ModelStack, PyTree, unflatten
 
 
 def model_weights(weights: jax.Array | Sequence[float] | None, num_models: int) -> jax.Array:
@@ -37,20 +40,60 @@ def model_weights(weights: jax.Array | Sequence[float] | None, num_models: int) 
     return w / jnp.sum(w)
 
 
+def weighted_sum(
+    stacked: Mapping[str, jax.Array], weights: jax.Array, dtypes: Mapping[str, jnp.dtype]
+) -> dict[str, jax.Array]:
+    """``sum_k w_k x_k`` per leaf of leaves stacked on a leading K axis."""
+    return {
+        p: jnp.tensordot(weights, x, axes=1, precision=jax.lax.Precision.HIGHEST).astype(dtypes[p])
+        for p, x in stacked.items()
+    }
+
+
+def slot_weights(coverage: jax.Array, weights: jax.Array) -> jax.Array:
+    """Per-model weight of every target slot: ``Lambda_k[q] = w_k c_k[q] / sum_j w_j c_j[q]``.
+
+    ``coverage (K, m)`` is the share of slot q each model fills. In OT fusion every model
+    fills every slot, so ``Lambda_k = w_k``; a slot only some models fill (a partial
+    fusion's isolated neuron) averages those alone, so an isolated neuron keeps weight 1.
+    """
+    share = weights[:, None] * coverage
+    total = jnp.sum(share, axis=0, keepdims=True)
+    return share / jnp.where(total > 0, total, 1.0)
+
+
 def combine(
+    config: PlanConfig,
     aligned: Mapping[str, jax.Array] | Sequence[Mapping[str, jax.Array]],
+    results: Mapping[str, OTResult] | Sequence[Mapping[str, OTResult]],
     weights: jax.Array,
     dtypes: Mapping[str, jnp.dtype],
 ) -> dict[str, jax.Array]:
-    """``sum_k w_k aligned_k`` per leaf: ``aligned`` stacked on a leading K axis or a list."""
-    if isinstance(aligned, Mapping):
-        return {
-            p: jnp.tensordot(weights, x, axes=1, precision=jax.lax.Precision.HIGHEST).astype(dtypes[p])
-            for p, x in aligned.items()
-        }
-    return {
-        p: sum(w * a[p] for w, a in zip(weights, aligned)).astype(dtypes[p]) for p in aligned[0]
-    }
+    """``sum_k Lambda_k ⊙ aligned_k`` per leaf, ``Lambda`` read on each leaf's output group.
+
+    ``aligned`` and ``results`` are stacked on a leading K axis, or lists of K per-model
+    dicts (models of different widths; aligned leaves then share the target's shapes).
+    The plan producer turns the mass each plan sends to each slot into coverage.
+    """
+    spec = config.spec
+    if not isinstance(aligned, Mapping):
+        aligned = {p: jnp.stack([a[p] for a in aligned]) for p in aligned[0]}
+        received = {g: jnp.stack([r[g].plan.sum(axis=0) for r in results]) for g in spec.groups}
+    else:
+        received = {g: results[g].plan.sum(axis=-2) for g in spec.groups}
+    lambdas = {g: slot_weights(config.plans.coverage(g, received[g]), weights) for g in spec.groups}
+    fused = weighted_sum({p: x for p, x in aligned.items() if spec[p].output_group is None}, weights, dtypes)
+    for leaf in spec.leaves:
+        group = leaf.output_group
+        if group is None:
+            continue
+        x = aligned[leaf.path]
+        lam = lambdas[group]
+        # The output group is the leaf's last view dim, the fastest-varying in C order.
+        view = x.reshape(x.shape[0], -1, lam.shape[1])
+        out = jnp.einsum("km,kim->im", lam, view, precision=jax.lax.Precision.HIGHEST)
+        fused[leaf.path] = out.reshape(x.shape[1:]).astype(dtypes[leaf.path])
+    return {p: fused[p] for p in aligned}
 
 
 def fuse(
@@ -86,6 +129,19 @@ def fuse(
       The fused pytree, with the target's structure, widths and dtypes.
     """
     problem = prepare(params_list, spec, solver, alignment, metric, target, inputs)
+    return fuse_problem(problem, weights, recalibrate)[0]
+
+
+def fuse_problem(
+    problem: Any,
+    weights: jax.Array | Sequence[float] | None,
+    recalibrate: tuple[TrainApply, jax.Array] | None,
+) -> tuple[PyTree, Any]:
+    """Align, combine and (optionally) recalibrate a validated problem (see :func:`fuse`).
+
+    Returns the fused pytree and the per-model results (stacked, or a list of dicts).
+    """
+    spec = problem.config.spec
     w = model_weights(weights, problem.models.num_models)
     aligned, results = align_problem(problem)
     dtypes = (
@@ -93,12 +149,117 @@ def fuse(
         if problem.target_leaves is None
         else {p: jnp.result_type(x) for p, x in problem.target_leaves.items()}
     )
-    fused = combine(aligned, w, dtypes)
-    if isinstance(results, list):
-        results = {g: tuple(r[g] for r in results) for g in spec.groups}
-    warn_unconverged(results)
+    fused = combine(problem.config, aligned, results, w, dtypes)
+    warn_unconverged(
+        {g: tuple(r[g] for r in results) for g in spec.groups} if isinstance(results, list) else results
+    )
     fused = unflatten(problem.target_treedef, fused)
     if recalibrate is not None:
         train_apply, batches = recalibrate
         fused = recalibrate_batch_stats(train_apply, fused, batches)
-    return fused
+    return fused, results
+
+
+class Barycenter(NamedTuple):
+    """Result of :func:`barycenter_fuse` (arrays, so it can leave ``jit``).
+
+    Attributes:
+      params: the fused pytree, in the initial estimate's widths and structure.
+      iterations: align-and-average steps taken.
+      change: relative change ``||F_t - F_{t-1}|| / ||F_{t-1}||`` of the last step.
+      converged: ``change <= tolerance`` (False: stopped at ``max_iterations``).
+    """
+
+    params: PyTree
+    iterations: jax.Array
+    change: jax.Array
+    converged: jax.Array
+
+
+def barycenter_fuse(
+    params_list: PyTree | Sequence[PyTree],
+    spec: Spec,
+    *,
+    init: int | PyTree = 0,
+    widths: Mapping[str, int] | float | None = None,
+    solver: Solver = Exact(),
+    alignment: str | AlignmentMethod = "weights",
+    metric: GroundMetric = GroundMetric(),
+    weights: jax.Array | Sequence[float] | None = None,
+    inputs: jax.Array | None = None,
+    max_iterations: int = 100,
+    tolerance: float = 1e-5,
+) -> Barycenter:
+    """Wasserstein-barycenter fusion: align onto the fused estimate and average, repeatedly.
+
+    ``F_{t+1} = sum_k w_k T~_k(F_t)``, where ``T~_k(F_t)`` is model k aligned onto the
+    current estimate, at least once and until ``||F_{t+1} - F_t|| <= tolerance ||F_t||`` or
+    ``max_iterations`` (Akash, Li & García Trillos 2022, WB fusion; one step from a model is
+    OTFusion). The fused layer is then a barycenter of the K layer measures; its widths are
+    the initial estimate's, so they may be smaller or larger than the models'.
+
+    Args: as :func:`jfusion.fuse`, plus
+      init: the first estimate: a model index or a params pytree of the target architecture.
+      widths: compress the initial estimate to these widths first (``{group: width}`` or a
+        multiplier; :func:`jfusion.prune` by merging), i.e. start from "a model fused into
+        the target widths".
+      max_iterations, tolerance: the stopping rule; the result reports both outcomes, and an
+        eager call warns with :class:`jfusion.ConvergenceWarning` when it stopped at the cap.
+    """
+    models = ModelStack(params_list)
+    if isinstance(init, (int, np.integer)) and not isinstance(init, bool):
+        if not -models.num_models <= init < models.num_models:
+            raise FusionInputError(f"init={init} is not a model index for K={models.num_models} models")
+        init = unflatten(models.treedef, models.model(int(init)))
+    if widths is not None:
+        init = prune(init, spec, widths, method="merge")
+    problem = prepare(params_list, spec, solver, alignment, metric, init, inputs)
+    w = model_weights(weights, models.num_models)
+    params, iterations, change = _barycenter(
+        problem.config,
+        problem.models.stacked,
+        problem.models.models,
+        problem.target_leaves,
+        inputs,
+        w,
+        jnp.float32(tolerance),
+        problem.models.treedef,
+        problem.target_treedef,
+        int(max_iterations),
+    )
+    converged = change <= tolerance
+    if not isinstance(converged, jax.core.Tracer) and not bool(converged):
+        warnings.warn(
+            f"barycenter fusion stopped at max_iterations={max_iterations} with relative change "
+            f"{float(change):.3g} > tolerance {tolerance}",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return Barycenter(unflatten(problem.target_treedef, params), iterations, change, converged)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "treedef", "target_treedef", "max_iterations"))
+def _barycenter(config, stacked, model_list, start, inputs, weights, tolerance, treedef, target_treedef, max_iterations):
+    dtypes = {p: x.dtype for p, x in start.items()}
+
+    def step(estimate):
+        aligned, results = align_flat(config, stacked, model_list, estimate, inputs, None, treedef, target_treedef)
+        return combine(config, aligned, results, weights, dtypes)
+
+    def norm(tree):
+        return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in tree.values()))
+
+    def keep_going(state):
+        iteration, change, _ = state
+        return (iteration < max_iterations) & ((iteration == 0) | (change > tolerance))
+
+    def iterate(state):
+        iteration, _, estimate = state
+        new = step(estimate)
+        change = norm({p: new[p] - estimate[p] for p in new}) / jnp.maximum(norm(estimate), 1e-30)
+        return iteration + 1, change, new
+
+    iteration, change, estimate = jax.lax.while_loop(
+        keep_going, iterate, (jnp.int32(0), jnp.float32(jnp.inf), start)
+    )
+    return estimate, iteration, change

@@ -18,7 +18,7 @@ combination convex even for an approximate plan, and lets plans leave neurons ou
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,3 +94,26 @@ def transport_model(
 ) -> dict[str, jax.Array]:
     """Transport every leaf of one model with its group maps."""
     return {leaf.path: transport_leaf(leaves[leaf.path], leaf, maps, widths) for leaf in spec_leaves}
+
+
+def permute_groups(
+    leaves: Mapping[str, jax.Array],
+    spec: Any,
+    perms: Mapping[str, jax.Array],
+    widths: Mapping[str, int],
+) -> dict[str, jax.Array]:
+    """Reorder groups' neurons: new neuron ``q`` of group ``g`` is old neuron ``perms[g][q]``.
+
+    ``spec`` is the :class:`jfusion.Spec` labelling ``leaves``. The network computes the
+    same function; leaves keep their order and dtypes.
+    """
+    maps = {}
+    for group, perm in perms.items():
+        matrix = jax.nn.one_hot(perm, widths[group], dtype=jnp.float32).T  # [old, new]
+        maps[group] = GroupMap(matrix, matrix)
+    out = {}
+    for path, x in leaves.items():
+        leaf = spec[path]
+        moved = any(g in maps for g in leaf.groups)
+        out[path] = transport_leaf(x, leaf, maps, widths).astype(x.dtype) if moved else x
+    return out
