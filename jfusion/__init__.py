@@ -5,6 +5,10 @@ neuron: supports (weights or activations) -> costs -> plans ``T_k`` -> transport
 
 * OT fusion -- Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020:
   :func:`fuse`, :func:`align`.
+* Wasserstein-barycenter fusion into any widths -- Akash, Li & García Trillos 2022:
+  :func:`barycenter_fuse`.
+* Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
+  :func:`partial_fuse`, :func:`prune`.
 * Activation alignment: :class:`Activations` (``Activations.from_module(model)``).
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
@@ -18,7 +22,9 @@ from jfusion.check import check_spec, permute
 from jfusion.costs import GroundMetric
 from jfusion.errors import ConvergenceWarning, FusionInputError, JFusionError, SpecError
 from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
-from jfusion.fuse import fuse
+from jfusion.fuse import Barycenter, barycenter_fuse, fuse
+from jfusion.partial import PartialFusion, partial_fuse
+from jfusion.prune import prune
 from jfusion.solvers import Exact, OTResult, Sinkhorn
 from jfusion.spec import LeafSpec, Spec
 from jfusion.support import Activations, ModuleActivations, Weights
@@ -26,6 +32,7 @@ from jfusion.support import Activations, ModuleActivations, Weights
 __all__ = [
     "Activations",
     "Alignment",
+    "Barycenter",
     "ConvergenceWarning",
     "Exact",
     "FusionInputError",
@@ -34,16 +41,20 @@ __all__ = [
     "LeafSpec",
     "ModuleActivations",
     "OTResult",
+    "PartialFusion",
     "Sinkhorn",
     "Spec",
     "SpecError",
     "Weights",
     "align",
+    "barycenter_fuse",
     "check_spec",
     "ensemble_apply",
     "fuse",
     "loss_barrier",
+    "partial_fuse",
     "permute",
+    "prune",
     "recalibrate_batch_stats",
     "vanilla_average",
 ]
