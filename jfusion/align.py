@@ -177,12 +177,18 @@ def _is_concrete(x: Any) -> bool:
 
 def _check_finite(leaves: Mapping[str, Any], what: str, model_axis: bool = False) -> None:
     """Raise on NaN/Inf in concrete leaves (traced ones cannot be inspected)."""
-    for path, x in leaves.items():
-        if not _is_concrete(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            continue
-        bad = ~np.isfinite(np.asarray(x))
-        if bad.any():
-            index = np.argwhere(bad)[0].tolist()
+    checked = {
+        path: x
+        for path, x in leaves.items()
+        if _is_concrete(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    }
+    if not checked:
+        return
+    # One reduction per leaf on the device and one transfer; details only for a bad leaf.
+    finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked.values()]))
+    for (path, x), ok in zip(checked.items(), finite):
+        if not ok:
+            index = np.argwhere(~np.isfinite(np.asarray(x)))[0].tolist()
             name = f"model {index.pop(0)}" if model_axis else what
             raise FusionInputError(
                 f"{name}: leaf {path} has NaN or Inf values (first at index {index}); "

@@ -150,9 +150,9 @@ class Spec:
             if leaf.path in seen:
                 raise SpecError(f"{leaf.path}: labelled twice")
             seen.add(leaf.path)
-            leaf.dims  # parses every entry, raising on malformed ones
+            _ = leaf.dims  # parsing raises on malformed entries
         object.__setattr__(self, "leaves", tuple(items))
-        self.groups  # raises on cycles and on groups nothing writes
+        _ = self.groups  # ordering raises on cycles and on groups nothing writes
 
     def __getitem__(self, path: str) -> LeafSpec:
         for leaf in self.leaves:

@@ -6,30 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from planted import permutation_matrix, random_variables
+
 import jfusion
 from jfusion.data import load_dataset
 from jfusion.models import VGG, ResNet18
 from jfusion.train import evaluate, train_models
-from jfusion.tree import flatten, unflatten
-
-
-def random_variables(model, input_shape, seed):
-    """Every leaf random (BN scales and variances positive), so no label can hide."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, *input_shape))))
-    leaves, treedef = flatten(shapes)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, leaf in leaves.items():
-        if path.endswith(("/var", "/scale")):
-            out[path] = rng.uniform(0.5, 1.5, leaf.shape)
-        else:
-            fan_in = np.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
-            out[path] = rng.normal(size=leaf.shape) / np.sqrt(fan_in)
-    return unflatten(treedef, {p: jnp.asarray(x, jnp.float32) for p, x in out.items()})
-
-
-def permutation_matrix(perm):
-    return np.eye(len(perm))[:, np.asarray(perm)]
 
 
 RESNET18 = ResNet18()

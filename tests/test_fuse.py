@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from planted import duplicate_neurons, max_tree_difference, permutation_matrix
+
 import jfusion
 from jfusion.models import CNN, MLP, cnn_spec, mlp_spec
-from jfusion.transport import GroupMap, transport_leaf
-from jfusion.tree import flatten, unflatten
+from jfusion.tree import flatten
 
 MLPNET = MLP((400, 200, 100, 10))
 MLPNET_SPEC = mlp_spec(4)
@@ -18,14 +19,6 @@ SMALL_CNN_SPEC = cnn_spec(2, 2, 49)
 
 def init(model, seed, shape):
     return model.init(jax.random.key(seed), jnp.ones((1, *shape)))
-
-
-def max_tree_difference(a, b):
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
-
-
-def permutation_matrix(perm):
-    return np.eye(len(perm))[:, perm]  # [old, new]: new neuron q is old neuron perm[q]
 
 
 @pytest.mark.parametrize(
@@ -50,20 +43,6 @@ def test_planted_permutations_are_recovered_for_20_seeds(model, spec, shape):
             np.testing.assert_array_equal(plan, permutation_matrix(np.asarray(perm)).T)
         fused = jfusion.fuse(stacked, spec)
         np.testing.assert_allclose(model.apply(fused, x), reference, atol=1e-5, rtol=1e-5)
-
-
-def duplicate_neurons(params, spec, key):
-    """Each hidden neuron twice (incoming weights copied, outgoing halved), then shuffled."""
-    leaves, treedef = flatten(params)
-    widths = spec.validate({p: x.shape for p, x in leaves.items()})
-    maps = {}
-    for group, k in zip(spec.groups, jax.random.split(key, len(spec.groups))):
-        n = widths[group]
-        copies = np.kron(np.eye(n), np.ones((1, 2)))  # old neuron p -> new 2p, 2p+1
-        shuffle = permutation_matrix(np.asarray(jax.random.permutation(k, 2 * n)))
-        expand = jnp.asarray(copies @ shuffle, jnp.float32)
-        maps[group] = GroupMap(to_output=expand, to_input=expand / 2)
-    return unflatten(treedef, {p: transport_leaf(x, spec[p], maps, widths) for p, x in leaves.items()})
 
 
 @pytest.mark.parametrize(
@@ -209,7 +188,7 @@ def test_ground_metrics_match_numpy():
 
 
 def test_vanilla_average_and_ensemble():
-    model, spec = MLP((8, 3)), mlp_spec(2)
+    model = MLP((8, 3))
     a, b = init(model, 1, (5,)), init(model, 2, (5,))
     avg = jfusion.vanilla_average([a, b], weights=[1.0, 3.0])
     assert max_tree_difference(avg, jax.tree.map(lambda p, q: 0.25 * p + 0.75 * q, a, b)) <= 1e-7

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from planted import max_tree_difference, random_variables
+
 import jfusion
 from jfusion.models import MLP, ResNet, mlp_spec
-from jfusion.tree import flatten, unflatten
 
 WIDTH = 16
 SPEC = mlp_spec(3)
@@ -17,18 +18,9 @@ def mlp(width=WIDTH):
     return MLP((width, width, 5))
 
 
-def random_models(num, inputs=7):
+def random_models(num):
     """Random weights and biases (flax initialises biases to zero, which would hide zeros)."""
-    out = []
-    for k in range(num):
-        leaves, treedef = flatten(mlp().init(jax.random.key(k), jnp.ones((1, inputs))))
-        keys = jax.random.split(jax.random.key(100 + k), len(leaves))
-        out.append(unflatten(treedef, {p: jax.random.normal(key, x.shape) / 3 for (p, x), key in zip(leaves.items(), keys)}))
-    return out
-
-
-def max_tree_difference(a, b):
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
+    return [random_variables(mlp(), (7,), 100 + k, scale=1 / 3) for k in range(num)]
 
 
 X = jax.random.normal(jax.random.key(9), (12, 7))
@@ -104,18 +96,7 @@ def test_per_group_alpha_and_jit():
 def test_partial_fusion_of_a_resnet_with_batchnorm_at_alpha_one_is_the_ensemble():
     # Two stages: residual streams, an identity and a projection shortcut, BatchNorm.
     model = ResNet(stage_sizes=(2, 1), stage_widths=(8, 16))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3))))
-    leaves, treedef = flatten(shapes)
-
-    def random_variables(seed):
-        rng = np.random.default_rng(seed)
-        values = {
-            p: rng.uniform(0.5, 1.5, x.shape) if p.endswith(("/var", "/scale")) else rng.normal(size=x.shape) * 0.3
-            for p, x in leaves.items()
-        }
-        return unflatten(treedef, {p: jnp.asarray(v, jnp.float32) for p, v in values.items()})
-
-    models = [random_variables(0), random_variables(1)]
+    models = [random_variables(model, (16, 16, 3), seed, scale=0.3) for seed in (0, 1)]
     spec = model.spec()
     x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
     partial = jfusion.partial_fuse(models, spec, 1.0)

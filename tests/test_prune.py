@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_fuse import duplicate_neurons, max_tree_difference
+from planted import duplicate_neurons, max_tree_difference
 
 import jfusion
 from jfusion.models import MLP, mlp_spec
