@@ -69,7 +69,8 @@ def _module(static: nn.Module | _ByIdentity) -> nn.Module:
     return static.module if isinstance(static, _ByIdentity) else static
 
 
-def _takes_train(model: nn.Module, variables: Variables) -> bool:
+def takes_train(model: nn.Module, variables: Variables) -> bool:
+    """Whether ``model`` is applied with a ``train=`` flag (it has BatchNorm or asks for one)."""
     if "batch_stats" in variables:
         return True
     try:
@@ -82,7 +83,7 @@ def _forward(
     model: nn.Module, variables: Variables, x: jax.Array, *, train: bool, rng: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Logits, and the updated ``batch_stats`` when training a model that has them."""
-    if not _takes_train(model, variables):
+    if not takes_train(model, variables):
         return model.apply(variables, x), {}
     rngs = {"dropout": rng} if rng is not None else None
     if train and "batch_stats" in variables:
@@ -100,7 +101,7 @@ def _init_stacked(static, keys: jax.Array, x: jax.Array) -> dict[str, Any]:
 
     def init_one(key):
         variables = (
-            model.init(key, x, train=False) if _takes_train(model, {}) else model.init(key, x)
+            model.init(key, x, train=False) if takes_train(model, {}) else model.init(key, x)
         )
         return {c: v for c, v in variables.items() if c not in _SOWN}
 

@@ -1,7 +1,15 @@
-"""Reference Flax models and the builders of their Specs."""
+"""Reference Flax models, the builders of their Specs, and a registry of them by name."""
 
 from jfusion.models.cnn import CNN, cnn_spec
 from jfusion.models.mlp import MLP, mlp_spec
+from jfusion.models.registry import (
+    MODELS,
+    ModelConfigError,
+    build_model,
+    describe,
+    from_metadata,
+    model_arguments,
+)
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
 from jfusion.models.vgg import VGG, VGG11, vgg_spec
 
@@ -9,13 +17,19 @@ __all__ = [
     "BasicBlock",
     "CNN",
     "MLP",
+    "MODELS",
+    "ModelConfigError",
     "ResNet",
     "ResNet18",
     "ResNet20",
     "VGG",
     "VGG11",
+    "build_model",
     "cnn_spec",
+    "describe",
+    "from_metadata",
     "mlp_spec",
+    "model_arguments",
     "resnet_spec",
     "vgg_spec",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -15,10 +15,38 @@ class CNN(nn.Module):
 
     Pre-activations are sown into ``"activations"`` as ``c0, c1, ...`` (convs) and
     ``f0, f1, ...`` (hidden dense layers).
+
+    Attributes:
+      conv_features: conv widths.
+      dense_features: dense widths, the last being the logits.
+      image_size: the input's ``H`` (or ``(H, W)``). Optional, but :meth:`spec` needs it:
+        the flatten folds the last feature map's positions into ``Dense_0``'s input axis,
+        and their number depends on the input size. When set, other inputs are refused.
     """
 
     conv_features: Sequence[int] = (32, 64)
     dense_features: Sequence[int] = (128, 10)
+    image_size: Optional[Union[int, tuple[int, int]]] = None
+
+    def _image_hw(self) -> tuple[int, int] | None:
+        if self.image_size is None:
+            return None
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        return tuple(self.image_size)
+
+    def spec(self) -> Spec:
+        """This model's Spec (see :func:`cnn_spec`); needs ``image_size``."""
+        hw = self._image_hw()
+        if hw is None:
+            raise ValueError(
+                "CNN.spec() needs the CNN's image_size: the flatten before Dense_0 folds "
+                "(H // 2**num_convs) * (W // 2**num_convs) positions into its input axis"
+            )
+        # SAME convs keep the size; each VALID 2x2 pool floors it to half.
+        shrink = 2 ** len(self.conv_features)
+        positions = (hw[0] // shrink) * (hw[1] // shrink)
+        return cnn_spec(len(self.conv_features), len(self.dense_features), positions)
 
     def _record(self, group: str, x: jax.Array) -> None:
         # Sown only when applying: init must return parameters alone.
@@ -29,6 +57,9 @@ class CNN(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim == 3:
             x = x[..., None]
+        hw = self._image_hw()
+        if hw is not None and tuple(x.shape[1:3]) != hw:
+            raise ValueError(f"this CNN was declared for {hw} images (image_size); got {tuple(x.shape[1:3])}")
         for i, width in enumerate(self.conv_features):
             x = nn.Conv(width, (3, 3), name=f"Conv_{i}")(x)
             self._record(f"c{i}", x)

@@ -20,6 +20,10 @@ class MLP(nn.Module):
     features: Sequence[int]
     use_bias: bool = True
 
+    def spec(self) -> Spec:
+        """This model's Spec (see :func:`mlp_spec`)."""
+        return mlp_spec(len(self.features), bias=self.use_bias)
+
     def _record(self, group: str, x: jax.Array) -> None:
         # Sown only when applying: init must return parameters alone.
         if not self.is_initializing():

@@ -1,0 +1,194 @@
+"""The jfusion command line: ``train`` then ``fuse`` write exactly what the Python API computes,
+the demo prints its table, and bad inputs end in one line on stderr with exit code 2."""
+
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jfusion
+from jfusion.checkpoint import load_checkpoint, save_checkpoint
+from jfusion.cli import main, split_indices
+from jfusion.data import batches, load_dataset
+from jfusion.models import MLP, describe, from_metadata
+from jfusion.train import evaluate
+
+FEATURES = ["16", "16", "10"]
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory):
+    """Three MLPs trained on digits for one epoch by ``jfusion train``: (directories, stdout)."""
+    out = tmp_path_factory.mktemp("runs")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(
+            ["train", "--model", "mlp", "--features", *FEATURES, "--data", "digits", "--seeds", "0", "1", "2",
+             "--epochs", "1", "--batch-size", "64", "--out", str(out)]
+        )
+    assert code == 0
+    return [out / f"model_{k}" for k in range(3)], stdout.getvalue()
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def fuse_command(paths, out, *flags):
+    return ["fuse", *map(str, paths), "--out", str(out), *flags]
+
+
+def test_train_writes_one_checkpoint_per_seed_with_spec_and_metadata(parents):
+    paths, stdout = parents
+    data = load_dataset("digits")
+    lines = stdout.splitlines()
+    assert len(lines) == 3
+    for k, (path, line) in enumerate(zip(paths, lines)):
+        variables, spec, metadata = load_checkpoint(path)
+        module = from_metadata(metadata)
+        assert module == MLP((16, 16, 10))
+        assert spec == module.spec()
+        assert {key: metadata[key] for key in ("model", "kwargs")} == describe("mlp", features=[16, 16, 10])
+        assert metadata["data"] == "digits" and metadata["training"]["seed"] == k
+        accuracy = evaluate(module, variables, data.test_images, data.test_labels)
+        assert metadata["training"]["test_accuracy"] == accuracy
+        assert line.startswith(str(path)) and f"{100 * accuracy:.2f}%" in line
+    kernels = [load_checkpoint(p)[0]["params"]["Dense_0"]["kernel"] for p in paths]
+    assert not np.array_equal(kernels[0], kernels[1])  # different seeds, different models
+
+
+@pytest.mark.parametrize(
+    "flags, kwargs",
+    [
+        ([], {}),
+        # One case for the rest: each new solver or target compiles another program.
+        (
+            ["--solver", "sinkhorn", "--epsilon", "0.05", "--weights", "1", "2", "1", "--target", "1"],
+            {"solver": jfusion.Sinkhorn(epsilon=0.05), "weights": [1.0, 2.0, 1.0], "target": 1},
+        ),
+    ],
+    ids=["exact", "sinkhorn-weights-target"],
+)
+def test_fuse_writes_what_jfusion_fuse_computes(parents, tmp_path, flags, kwargs):
+    paths, _ = parents
+    assert main(fuse_command(paths, tmp_path / "fused", *flags)) == 0
+    fused, spec, metadata = load_checkpoint(tmp_path / "fused")
+    loaded = [load_checkpoint(p) for p in paths]
+    expected = jfusion.fuse([variables for variables, _, _ in loaded], loaded[0][1], **kwargs)
+    assert_trees_equal(fused, expected)
+    target = kwargs.get("target", 0)
+    target_kernel = loaded[target][0]["params"]["Dense_1"]["kernel"]
+    assert not np.array_equal(fused["params"]["Dense_1"]["kernel"], target_kernel)  # fusion did something
+    assert spec == loaded[0][1]
+    assert metadata["model"] == "mlp" and "training" not in metadata
+    record = metadata["fusion"]
+    assert record["parents"] == [str(p.resolve()) for p in paths]
+    assert record["solver"] == ("sinkhorn" if "--solver" in flags else "exact")
+    assert record["weights"] == kwargs.get("weights") and record["target"] == target
+
+
+def test_train_then_fuse_by_activations_and_evaluate(parents, tmp_path, capsys):
+    paths, _ = parents
+    out = tmp_path / "fused"
+    assert main(fuse_command(paths, out, "--alignment", "activations", "--samples", "100", "--evaluate")) == 0
+    table = capsys.readouterr().out.splitlines()
+    fused, spec, metadata = load_checkpoint(out)
+    module = from_metadata(metadata)
+    data = load_dataset("digits")
+    inputs = next(batches(data.train_images, data.train_labels, 100, seed=0))[0]
+    alignment = jfusion.Activations.from_module(module)
+    expected = jfusion.fuse([load_checkpoint(p)[0] for p in paths], spec, alignment=alignment, inputs=inputs)
+    assert_trees_equal(fused, expected)
+    accuracy = evaluate(module, fused, data.test_images, data.test_labels)
+    assert metadata["fusion"]["test_accuracy"] == accuracy
+    assert metadata["fusion"]["alignment"] == "activations" and metadata["fusion"]["samples"] == 100
+    assert len(table) == 5  # header, three parents, the fused model
+    for path, line in zip(paths, table[1:4]):
+        parent = load_checkpoint(path)[2]["training"]["test_accuracy"]
+        assert line.startswith(str(path)) and f"{100 * parent:.2f}%" in line
+    assert table[4].startswith(str(out)) and f"{100 * accuracy:.2f}%" in table[4]
+
+
+def test_demo_prints_its_table(capsys):
+    assert main(["demo", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = ["model 0 (seed 0)", "model 2 (seed 2)", "ensemble (logits)", "vanilla average", "OT fusion (exact)"]
+    assert all(row in out for row in rows)
+    assert "2 epochs" in out
+
+
+def mismatched_checkpoint(directory):
+    """An MLP of the same spec whose inputs are 100 wide (the parents read 64 pixels)."""
+    module = MLP((16, 16, 10))
+    shapes = jax.eval_shape(module.init, jax.random.key(0), np.ones((1, 100), np.float32))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    metadata = describe("mlp", features=[16, 16, 10])
+    return save_checkpoint(directory, variables, module.spec(), metadata=metadata)
+
+
+# case: what the error line must say.
+BAD_INPUTS = {
+    "missing": "does not exist",
+    "unknown-spec": "unknown model 'resnet99'; known models: mlpnet, mlp",
+    "mismatched": "model 1: params/Dense_0/kernel axis 0 has size 100",
+    "exists": "already exists; pass --overwrite",
+    "epsilon-exact": "--epsilon is Sinkhorn's regularisation",
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_are_one_line_and_exit_code_2(parents, tmp_path, capsys, case):
+    paths, _ = parents
+    out = tmp_path / "fused"
+    commands = {
+        "missing": lambda: fuse_command([paths[0], tmp_path / "missing"], out),
+        "unknown-spec": lambda: fuse_command(paths[:2], out, "--spec", "resnet99"),
+        "mismatched": lambda: fuse_command([paths[0], mismatched_checkpoint(tmp_path / "wide")], out),
+        "exists": lambda: fuse_command(paths[:2], paths[2]),
+        "epsilon-exact": lambda: fuse_command(paths[:2], out, "--epsilon", "0.1"),
+    }
+    argv = commands[case]()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0] == err.splitlines()[-1]
+    assert errors[0].startswith("jfusion fuse: error: ") and BAD_INPUTS[case] in errors[0]
+    assert not out.exists()
+
+
+def test_splits():
+    labels = np.repeat(np.arange(4), 25)
+    shares = split_indices("iid", labels, 3)
+    assert sorted(np.concatenate(shares).tolist()) == list(range(100))
+    assert all(np.bincount(labels[s], minlength=4).min() >= 8 for s in shares)  # every class in every share
+    specialist, generalist = split_indices("special:2:0.2", labels, 2)
+    assert (labels[specialist] == 2).sum() == 25 and (labels[generalist] == 2).sum() == 0
+    assert split_indices("full", labels, 3) is None
+    with pytest.raises(jfusion.JFusionError, match="exactly two --seeds"):
+        split_indices("special:2:0.2", labels, 3)
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("demo", "train", "fuse"))
+
+
+def test_console_script_exits_with_code_2_on_bad_input(tmp_path):
+    script = Path(sys.executable).with_name("jfusion")  # installed by pip from pyproject's [project.scripts]
+    assert script.exists()
+    done = subprocess.run(
+        [str(script), "fuse", str(tmp_path / "nothing"), "--out", str(tmp_path / "fused")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    missing = tmp_path / "nothing"
+    assert done.stderr.splitlines()[-1] == f"jfusion fuse: error: checkpoint directory {missing} does not exist"
