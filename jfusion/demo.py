@@ -2,9 +2,9 @@
 
 ``num_models`` MLPs are trained from different seeds (different initialisations and batch
 orders) at once with :func:`jfusion.train.train_models`, then fused by every method in
-``methods`` -- by default vanilla averaging, OT fusion with the exact solver and with
-Sinkhorn -- and each fused model's test accuracy and fusion time are tabulated next to the
-parents and their prediction ensemble. Without alignment, averaging independently
+``methods`` -- by default vanilla averaging, OT fusion (exact, Sinkhorn, by activations),
+barycenter fusion and partial fusion -- and each fused model's test accuracy, size and
+fusion time are tabulated next to the parents and their prediction ensemble. Without alignment, averaging independently
 initialised networks mixes unrelated neurons; OT fusion matches them first (Singh & Jaggi
 2020).
 
@@ -22,21 +22,32 @@ import numpy as np
 
 from jfusion.baselines import ensemble_apply, vanilla_average
 from jfusion.data import load_dataset
-from jfusion.fuse import fuse
+from jfusion.fuse import barycenter_fuse, fuse
+from jfusion.partial import partial_fuse
 from jfusion.models import MLP, mlp_spec
 from jfusion.solvers import Exact, Sinkhorn
 from jfusion.spec import Spec
+from jfusion.support import Activations
 from jfusion.train import evaluate, train_models
 from jfusion.tree import PyTree
 
-# ``method(models, spec, inputs) -> fused``: ``models`` are the parents' variables stacked
-# along a leading K axis, ``inputs`` a batch of training images (for activation alignment).
-FusionMethod = Callable[[PyTree, Spec, jax.Array], PyTree]
+# ``method(module, models, spec, inputs) -> fused``: ``models`` are the parents' variables
+# stacked along a leading K axis, ``inputs`` a batch of training images (for activation
+# alignment), ``module`` the parents' flax module. The fused model may be wider (partial fusion).
+FusionMethod = Callable[[MLP, PyTree, Spec, jax.Array], PyTree]
 
 FUSION_METHODS: tuple[tuple[str, FusionMethod], ...] = (
-    ("vanilla average", lambda models, spec, inputs: vanilla_average(models)),
-    ("OT fusion (exact)", lambda models, spec, inputs: fuse(models, spec, solver=Exact())),
-    ("OT fusion (Sinkhorn)", lambda models, spec, inputs: fuse(models, spec, solver=Sinkhorn())),
+    ("vanilla average", lambda module, models, spec, inputs: vanilla_average(models)),
+    ("OT fusion (exact)", lambda module, models, spec, inputs: fuse(models, spec, solver=Exact())),
+    ("OT fusion (Sinkhorn)", lambda module, models, spec, inputs: fuse(models, spec, solver=Sinkhorn())),
+    (
+        "OT fusion (activations)",
+        lambda module, models, spec, inputs: fuse(
+            models, spec, alignment=Activations.from_module(module), inputs=inputs
+        ),
+    ),
+    ("barycenter fusion", lambda module, models, spec, inputs: barycenter_fuse(models, spec).params),
+    ("partial fusion a=0.5", lambda module, models, spec, inputs: partial_fuse(models, spec, 0.5).params),
 )
 
 
@@ -47,6 +58,7 @@ class DemoRow:
     Attributes:
       name: the model or method.
       accuracy: test accuracy in [0, 1].
+      parameters: the model's parameter count (the ensemble's: all its members').
       first_call_s: seconds of the first (jitted) call of the method: tracing, XLA compile
         and the run. None for the parents and the ensemble.
       warm_s: seconds of a second call of the compiled method (the fusion alone).
@@ -54,6 +66,7 @@ class DemoRow:
 
     name: str
     accuracy: float
+    parameters: int
     first_call_s: float | None = None
     warm_s: float | None = None
 
@@ -71,11 +84,12 @@ def format_table(rows: Sequence[DemoRow]) -> str:
     def ms(s: float | None) -> str:
         return "-" if s is None else f"{1000 * s:.1f}"
 
-    lines = [f"{'method':<{width}}  {'test acc':>8}  {'first call ms':>13}  {'warm ms':>8}"]
+    lines = [f"{'method':<{width}}  {'test acc':>8}  {'params':>7}  {'first call ms':>13}  {'warm ms':>8}"]
     lines.append("-" * len(lines[0]))
     for r in rows:
         lines.append(
-            f"{r.name:<{width}}  {100 * r.accuracy:>7.2f}%  {ms(r.first_call_s):>13}  {ms(r.warm_s):>8}"
+            f"{r.name:<{width}}  {100 * r.accuracy:>7.2f}%  {r.parameters:>7}  "
+            f"{ms(r.first_call_s):>13}  {ms(r.warm_s):>8}"
         )
     return "\n".join(lines)
 
@@ -117,22 +131,29 @@ def run_demo(
     jax.block_until_ready(parents)
     train_s = time.perf_counter() - start
 
-    def accuracy(variables: PyTree) -> float:
-        return evaluate(model, variables, data.test_images, data.test_labels)
+    def scored(name: str, variables: PyTree, *times: float) -> DemoRow:
+        # Read the widths off the kernels: a partial fusion is wider than its parents.
+        layers = variables["params"]
+        module = MLP(tuple(layers[f"Dense_{i}"]["kernel"].shape[1] for i in range(len(layers))))
+        accuracy = evaluate(module, variables, data.test_images, data.test_labels)
+        return DemoRow(name, accuracy, sum(int(np.size(x)) for x in jax.tree.leaves(variables)), *times)
 
-    rows = [
-        DemoRow(f"model {k} (seed {s})", accuracy(jax.tree.map(lambda a: a[k], parents)))
-        for k, s in enumerate(seeds)
-    ]
+    rows = [scored(f"model {k} (seed {s})", jax.tree.map(lambda a: a[k], parents)) for k, s in enumerate(seeds)]
     logits = jax.jit(lambda models, x: ensemble_apply(model.apply, models, x))(parents, data.test_images)
-    rows.append(DemoRow("ensemble (logits)", float(np.mean(np.argmax(logits, -1) == data.test_labels))))
+    rows.append(
+        DemoRow(
+            "ensemble (logits)",
+            float(np.mean(np.argmax(logits, -1) == data.test_labels)),
+            sum(int(np.size(x)) for x in jax.tree.leaves(parents)),
+        )
+    )
 
     inputs = jax.numpy.asarray(data.train_images[:200])
     for name, method in methods:
-        fused_fn = jax.jit(lambda models, x, method=method: method(models, spec, x))
+        fused_fn = jax.jit(lambda models, x, method=method: method(model, models, spec, x))
         fused, first = _timed(lambda: fused_fn(parents, inputs))
         _, warm = _timed(lambda: fused_fn(parents, inputs))
-        rows.append(DemoRow(name, accuracy(fused), first, warm))
+        rows.append(scored(name, fused, first, warm))
 
     if print_fn is not None:
         print_fn(

@@ -8,7 +8,7 @@ from jfusion.demo import FUSION_METHODS, DemoRow, format_table, run_demo
 def test_demo_runs_end_to_end_and_tabulates_every_method():
     printed = []
     # The parent's own weights as a "fusion": the table must accept methods from a list.
-    first_parent = ("model 0 as a method", lambda models, spec, inputs: jax.tree.map(lambda a: a[0], models))
+    first_parent = ("model 0 as a method", lambda module, models, spec, inputs: jax.tree.map(lambda a: a[0], models))
     rows = run_demo(num_models=3, epochs=8, methods=FUSION_METHODS + (first_parent,), print_fn=printed.append)
     by_name = {row.name: row for row in rows}
     names = [name for name, _ in FUSION_METHODS]
@@ -20,15 +20,19 @@ def test_demo_runs_end_to_end_and_tabulates_every_method():
     assert by_name["model 0 as a method"].accuracy == by_name["model 0 (seed 0)"].accuracy
     parents = [by_name[f"model {k} (seed {k})"].accuracy for k in range(3)]
     assert min(parents) > 0.85
-    assert by_name["OT fusion (exact)"].accuracy > 0.5
-    assert by_name["OT fusion (Sinkhorn)"].accuracy > 0.5
+    for name in ["OT fusion (exact)", "OT fusion (Sinkhorn)", "OT fusion (activations)", "barycenter fusion"]:
+        assert by_name[name].accuracy > 0.5, name
+        assert by_name[name].parameters == by_name["model 0 (seed 0)"].parameters
+    # Partial fusion keeps isolated neurons: larger than one parent, smaller than the ensemble.
+    partial = by_name["partial fusion a=0.5"]
+    assert by_name["model 0 (seed 0)"].parameters < partial.parameters < by_name["ensemble (logits)"].parameters
     # Unaligned averaging of independently initialised networks is what OT fusion fixes.
     assert by_name["OT fusion (exact)"].accuracy > by_name["vanilla average"].accuracy
 
 
 def test_table_columns_line_up():
-    table = format_table([DemoRow("a", 0.5), DemoRow("a much longer name", 0.98765, 1.5, 0.0021)])
+    table = format_table([DemoRow("a", 0.5, 10), DemoRow("a much longer name", 0.98765, 12345, 1.5, 0.0021)])
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1  # every line the same width
-    assert "98.77%" in lines[-1] and "1500.0" in lines[-1] and "2.1" in lines[-1]
+    assert "98.77%" in lines[-1] and "12345" in lines[-1] and "1500.0" in lines[-1] and "2.1" in lines[-1]
     assert lines[2].rstrip().endswith("-")
