@@ -29,6 +29,7 @@ def init(model, seed, shape):
 def test_planted_permutations_are_recovered_for_20_seeds(model, spec, shape):
     original = init(model, 0, shape)
     x = jax.random.normal(jax.random.key(1), (8, *shape))
+    jfusion.check_spec(model.apply, original, spec, x)
     reference = model.apply(original, x)
     align = jax.jit(lambda models: jfusion.align(models, spec, target=0))
     for seed in range(20):
