@@ -251,12 +251,17 @@ def prepare(
     return _Problem(config, models, target_index, target_leaves, target_treedef, inputs)
 
 
-def _model_activations(config, treedef, leaves, inputs, of_target=False):
-    """Each group's activations of one model (None when aligning by weights)."""
+def _model_activations(config, treedef, leaves, inputs, of_target=False, index=None):
+    """Each group's activations of model ``index`` or of the target pytree (None by weights)."""
     alignment = config.alignment
     if not isinstance(alignment, Activations):
         return None
-    fn = alignment.target_fn if of_target and alignment.target_fn is not None else alignment.fn
+    if of_target and alignment.target_fn is not None:
+        fn = alignment.target_fn
+    elif index is not None and alignment.model_fns is not None:
+        fn = alignment.model_fns[index]
+    else:
+        fn = alignment.fn
     return dict(fn(unflatten(treedef, leaves), inputs))
 
 
@@ -275,7 +280,7 @@ def align_flat(config, stacked, model_list, target_leaves, inputs, target_index,
             target_leaves, target_treedef = model_list[target_index], treedef
         target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
         target_acts = _model_activations(
-            config, target_treedef, target_leaves, inputs, of_target=target_index is None
+            config, target_treedef, target_leaves, inputs, of_target=target_index is None, index=target_index
         )
         target_aligned, target_results, target_maps = _target_alignment(config, target_leaves, target_widths)
         aligned, results = [], []
@@ -285,7 +290,7 @@ def align_flat(config, stacked, model_list, target_leaves, inputs, target_index,
                 aligned.append(target_aligned)
                 results.append(target_results)
                 continue
-            acts = _model_activations(config, treedef, leaves, inputs)
+            acts = _model_activations(config, treedef, leaves, inputs, index=k)
             res, maps = solve_model_plans(
                 config, leaves, widths, target_leaves, target_widths, acts, target_acts,
                 others.index(k), target_maps,

@@ -127,8 +127,8 @@ def prune(
       widths: ``{group: new width}`` (other groups keep theirs) or one multiplier in
         ``(0, 1]`` for every group.
       method: ``"merge"``: k-means clusters, a cluster's incoming weights averaged and its
-        outgoing weights summed; ``"delete"``: keep the neurons with the largest L1 norm of
-        incoming weights (structured pruning).
+        outgoing weights summed; ``"delete"``: keep the neurons whose supports have the
+        largest L1 norm -- incoming weights (structured pruning), or activations.
       iterations: Lloyd iterations of ``"merge"``.
       alignment: the supports clustered: ``"weights"`` or :class:`jfusion.Activations`.
       inputs: the batch for activation supports.

@@ -14,7 +14,7 @@ pre-activations on a batch of inputs, flattened over the batch and spatial posit
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,10 +100,13 @@ class Activations:
         ``vmap``ed over the K models. :meth:`from_module` builds one from a linen module.
       target_fn: the same for a target given as a pytree of another architecture (other
         widths need another module instance); ``fn`` when None.
+      model_fns: one function per model, for models of different widths given as a list
+        (each needs a module of its own widths); ``fn`` for every model when None.
     """
 
     fn: Callable[[Any, jax.Array], Mapping[str, jax.Array]]
     target_fn: Callable[[Any, jax.Array], Mapping[str, jax.Array]] | None = None
+    model_fns: tuple[Callable[[Any, jax.Array], Mapping[str, jax.Array]], ...] | None = None
 
     @classmethod
     def from_module(
@@ -111,6 +114,7 @@ class Activations:
         module: Any,
         *,
         target_module: Any = None,
+        modules: Sequence[Any] | None = None,
         points: Mapping[str, str] | None = None,
         collection: str = "activations",
         **apply_kwargs: Any,
@@ -118,14 +122,21 @@ class Activations:
         """Activations of a linen module (see :class:`ModuleActivations`).
 
         ``apply_kwargs`` go to ``module.apply`` (e.g. ``train=False`` for BatchNorm models);
-        ``target_module`` is the module of a target of other widths.
+        ``target_module`` is the module of a target pytree of other widths, ``modules`` one
+        module per model when the models' widths differ (e.g. a pruned and a dense model).
         """
+
         def source(m):
             return ModuleActivations(
                 m, collection, tuple((points or {}).items()), tuple(sorted(apply_kwargs.items()))
             )
 
-        return cls(source(module), None if target_module is None else source(target_module))
+        return cls(
+            source(module),
+            None if target_module is None else source(target_module),
+            None if modules is None else tuple(source(m) for m in modules),
+        )
+
 
 AlignmentMethod = Weights | Activations
 

@@ -68,6 +68,10 @@ def test_duplicated_neurons_fused_into_the_original_widths_give_the_original(mod
     # Two models of different widths fused together (an unrolled, not vmapped, alignment).
     fused = jfusion.fuse([original, doubled], spec, target=0, weights=[0.3, 0.7])
     assert max_tree_difference(fused, original) <= 1e-5
+    # By activations, each model through a module of its own widths.
+    by_activations = jfusion.Activations.from_module(model, modules=(model, wide_model))
+    fused = jfusion.fuse([original, doubled], spec, target=0, alignment=by_activations, inputs=x)
+    assert max_tree_difference(fused, original) <= 1e-5
     # The other direction: the original fused into the doubled architecture keeps its function.
     expanded = jfusion.fuse([original], spec, target=doubled)
     np.testing.assert_allclose(wide_model.apply(expanded, x), model.apply(original, x), atol=1e-4)
