@@ -1,8 +1,8 @@
-"""Train K models at once: one XLA program runs a whole epoch of all K models.
+"""Train K models at once: one XLA program per optimizer step advances all K models.
 
 The K models' variables (and optimizer states) are stacked along a leading K axis and each
-step is ``vmap``ped over them, their seeds and their data subsets; an epoch is one
-``lax.scan`` over its steps, so the host only intervenes between epochs. The loss is the mean cross-entropy
+step is ``vmap``ped over them, their seeds and their data subsets: one XLA program per step
+for all K models. The loss is the mean cross-entropy
 ``-1/B sum_i log softmax(f(x_i))[y_i]`` of each model's own minibatch.
 
 Subsets of unequal sizes (a special-class split gives a specialist a few hundred examples
@@ -177,31 +177,25 @@ def _epoch_indices(rng: np.random.Generator, size: int, count: int) -> np.ndarra
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _run_epoch(static, optimizer, params, rest, opt_state, images, labels, idx, keys):
-    """One epoch of every model: ``lax.scan`` over steps inside ``vmap`` over models."""
+def _train_step(static, optimizer, params, rest, opt_state, images, labels, idx, keys):
+    """One optimizer step of every model: ``vmap`` over models of a single step.
+
+    Epochs loop over this in Python rather than in a ``lax.scan``: XLA:CPU runs convolution
+    gradients inside a loop body many times slower than as a program of their own
+    (jax-ml/jax#12868), and a step's dispatch costs little next to its work.
+    """
     model = _module(static)
 
-    def one_model(params, rest, opt_state, idx, key):
-        def step(carry, inputs):
-            params, rest, opt_state = carry
-            batch, i = inputs
-            x, y = images[batch], labels[batch]
+    def one_model(params, rest, opt_state, batch, key):
+        x, y = images[batch], labels[batch]
 
-            def loss_fn(p):
-                logits, updates = _forward(
-                    model, {"params": p, **rest}, x, train=True, rng=jax.random.fold_in(key, i)
-                )
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-                return loss, updates
+        def loss_fn(p):
+            logits, updates = _forward(model, {"params": p, **rest}, x, train=True, rng=key)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-            (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            changes, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, changes)
-            return (params, {**rest, **updates}, opt_state), loss
-
-        steps = jnp.arange(idx.shape[0])
-        (params, rest, opt_state), losses = jax.lax.scan(step, (params, rest, opt_state), (idx, steps))
-        return params, rest, opt_state, jnp.mean(losses)
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        changes, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, changes), {**rest, **updates}, opt_state, loss
 
     return jax.vmap(one_model)(params, rest, opt_state, idx, keys)
 
@@ -256,12 +250,17 @@ def fit_models(
         idx = np.stack(
             [off + _epoch_indices(rng, n, steps * batch_size) for rng, off, n in zip(orders, offsets, sizes)]
         ).reshape(num_models, steps, batch_size)
+        idx = jnp.asarray(idx.transpose(1, 0, 2), jnp.int32)  # (steps, K, batch)
         epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
-        params, rest, opt_state, losses = _run_epoch(
-            static, optimizer, params, rest, opt_state, images, labels, jnp.asarray(idx, jnp.int32), epoch_keys
-        )
+        total = jnp.zeros((num_models,), jnp.float32)
+        for step in range(steps):
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(epoch_keys, step)
+            params, rest, opt_state, losses = _train_step(
+                static, optimizer, params, rest, opt_state, images, labels, idx[step], step_keys
+            )
+            total = total + losses
         if progress is not None:
-            progress(epoch + 1, epochs, np.asarray(losses))
+            progress(epoch + 1, epochs, np.asarray(total / steps))
     return {c: params if c == "params" else rest[c] for c in variables}
 
 
