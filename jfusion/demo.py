@@ -62,6 +62,8 @@ class DemoRow:
       first_call_s: seconds of the first (jitted) call of the method: tracing, XLA compile
         and the run. None for the parents and the ensemble.
       warm_s: seconds of a second call of the compiled method (the fusion alone).
+      nonzero_parameters: how many of the parameters are non-zero: what a sparse layout
+        stores (a partial fusion's isolated neurons of different models never connect).
     """
 
     name: str
@@ -69,12 +71,21 @@ class DemoRow:
     parameters: int
     first_call_s: float | None = None
     warm_s: float | None = None
+    nonzero_parameters: int | None = None
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = jax.block_until_ready(fn())
     return out, time.perf_counter() - start
+
+
+def _num_parameters(variables: PyTree) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(variables))
+
+
+def _num_nonzero(variables: PyTree) -> int:
+    return sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(variables))
 
 
 def format_table(rows: Sequence[DemoRow]) -> str:
@@ -84,11 +95,16 @@ def format_table(rows: Sequence[DemoRow]) -> str:
     def ms(s: float | None) -> str:
         return "-" if s is None else f"{1000 * s:.1f}"
 
-    lines = [f"{'method':<{width}}  {'test acc':>8}  {'params':>7}  {'first call ms':>13}  {'warm ms':>8}"]
+    def count(n: int | None) -> str:
+        return "-" if n is None else str(n)
+
+    lines = [
+        f"{'method':<{width}}  {'test acc':>8}  {'params':>7}  {'non-zero':>8}  {'first call ms':>13}  {'warm ms':>8}"
+    ]
     lines.append("-" * len(lines[0]))
     for r in rows:
         lines.append(
-            f"{r.name:<{width}}  {100 * r.accuracy:>7.2f}%  {r.parameters:>7}  "
+            f"{r.name:<{width}}  {100 * r.accuracy:>7.2f}%  {r.parameters:>7}  {count(r.nonzero_parameters):>8}  "
             f"{ms(r.first_call_s):>13}  {ms(r.warm_s):>8}"
         )
     return "\n".join(lines)
@@ -136,7 +152,7 @@ def run_demo(
         layers = variables["params"]
         module = MLP(tuple(layers[f"Dense_{i}"]["kernel"].shape[1] for i in range(len(layers))))
         accuracy = evaluate(module, variables, data.test_images, data.test_labels)
-        return DemoRow(name, accuracy, sum(int(np.size(x)) for x in jax.tree.leaves(variables)), *times)
+        return DemoRow(name, accuracy, _num_parameters(variables), *times, nonzero_parameters=_num_nonzero(variables))
 
     rows = [scored(f"model {k} (seed {s})", jax.tree.map(lambda a: a[k], parents)) for k, s in enumerate(seeds)]
     logits = jax.jit(lambda models, x: ensemble_apply(model.apply, models, x))(parents, data.test_images)
@@ -144,7 +160,8 @@ def run_demo(
         DemoRow(
             "ensemble (logits)",
             float(np.mean(np.argmax(logits, -1) == data.test_labels)),
-            sum(int(np.size(x)) for x in jax.tree.leaves(parents)),
+            _num_parameters(parents),
+            nonzero_parameters=_num_nonzero(parents),
         )
     )
 

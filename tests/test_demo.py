@@ -26,13 +26,18 @@ def test_demo_runs_end_to_end_and_tabulates_every_method():
     # Partial fusion keeps isolated neurons: larger than one parent, smaller than the ensemble.
     partial = by_name["partial fusion a=0.5"]
     assert by_name["model 0 (seed 0)"].parameters < partial.parameters < by_name["ensemble (logits)"].parameters
+    # ... and its isolated neurons of different models never connect: zero blocks.
+    assert partial.nonzero_parameters < partial.parameters
+    assert by_name["vanilla average"].nonzero_parameters == by_name["vanilla average"].parameters
     # Unaligned averaging of independently initialised networks is what OT fusion fixes.
     assert by_name["OT fusion (exact)"].accuracy > by_name["vanilla average"].accuracy
 
 
 def test_table_columns_line_up():
-    table = format_table([DemoRow("a", 0.5, 10), DemoRow("a much longer name", 0.98765, 12345, 1.5, 0.0021)])
+    table = format_table(
+        [DemoRow("a", 0.5, 10), DemoRow("a much longer name", 0.98765, 12345, 1.5, 0.0021, nonzero_parameters=12000)]
+    )
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1  # every line the same width
-    assert "98.77%" in lines[-1] and "12345" in lines[-1] and "1500.0" in lines[-1] and "2.1" in lines[-1]
+    assert "98.77%" in lines[-1] and "12345" in lines[-1] and "1500.0" in lines[-1] and "2.1" in lines[-1] and "12000" in lines[-1]
     assert lines[2].rstrip().endswith("-")
