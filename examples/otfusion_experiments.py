@@ -21,13 +21,13 @@ each writing a markdown report and a figure to ``--out`` (default ``examples/res
 Run everything (measured: 24 min wall on 2 CPU cores shared with other jobs, 28 min under
 heavier load)::
 
-    /work/venv/bin/python examples/otfusion_experiments.py
+    python examples/otfusion_experiments.py
 
 or a subset (``--exp skill widths``), or a smoke test of every experiment on a tiny budget
 (measured 55 s on a lightly loaded machine, 80 s with the 2 cores shared; mostly XLA
 compilation; writes to a temporary directory unless ``--out`` is given)::
 
-    /work/venv/bin/python examples/otfusion_experiments.py --quick
+    python examples/otfusion_experiments.py --quick
 
 Training settings follow OTFusion's MNIST code (``sidak/otfusion``, ``parameters.py``):
 SGD, learning rate 0.01, momentum 0.5, batch 64, 10 epochs. Fusion follows its README's
@@ -61,9 +61,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import jfusion  # noqa: E402
-from jfusion.data import load_dataset, proportion_split, special_class_split  # noqa: E402
+from jfusion.data import proportion_split, special_class_split  # noqa: E402
 from jfusion.models import MLP, mlp_spec  # noqa: E402
 from jfusion.train import evaluate_models, finetune, fit_models, init_models  # noqa: E402
+from common import Data, activation_batch, command_line, fmt_seconds, load_data, md_table, pick  # noqa: E402
+from common import mean_std as _mean_std  # noqa: E402
 
 FEATURES = (400, 200, 100, 10)  # OTFusion's MLPNet
 WIDE_FEATURES = (800, 400, 200, 10)  # every hidden width doubled (experiment 3)
@@ -129,31 +131,6 @@ QUICK = Config(
 )
 
 
-@dataclasses.dataclass
-class Data:
-    xtr: np.ndarray
-    ytr: np.ndarray
-    xte: np.ndarray
-    yte: np.ndarray
-
-
-def load_data(cfg: Config) -> Data:
-    d = load_dataset("fashion_mnist")
-    xtr, ytr, xte, yte = d.train_images, d.train_labels, d.test_images, d.test_labels
-    if cfg.train_subsample:
-        xtr, ytr = _stratified(xtr, ytr, cfg.train_subsample)
-    if cfg.test_subsample:
-        xte, yte = _stratified(xte, yte, cfg.test_subsample)
-    return Data(xtr, ytr, xte, yte)
-
-
-def _stratified(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    per = n // 10
-    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(10)]))
-    return x[idx], y[idx]
-
-
 # Shared optimizer objects: fit_models jit-caches its epoch program per optimizer object.
 _OPTIMIZERS: dict[tuple[float, float], optax.GradientTransformation] = {}
 
@@ -170,10 +147,6 @@ def sgd(lr: float, momentum: float) -> optax.GradientTransformation:
 
 def stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def pick(tree: Any, k: int) -> Any:
-    return jax.tree.map(lambda a: a[k], tree)
 
 
 def train(cfg: Config, model, init, subsets, seeds) -> Any:
@@ -210,31 +183,8 @@ def ensemble_accuracy(model, stacked, weights, x, y, mask=None) -> tuple[float, 
     return overall, special
 
 
-def activation_batch(data: Data, n: int, seed: int) -> jax.Array:
-    """``n`` random training images (all classes) for activation alignment."""
-    idx = np.random.default_rng(10_000 + seed).choice(len(data.ytr), size=n, replace=False)
-    return jnp.asarray(data.xtr[np.sort(idx)])
-
-
-def mean_std(values: Sequence[float] | np.ndarray) -> str:
-    v = np.asarray(values, np.float64)
-    if v.size == 1:
-        return f"{v[0]:.2f}"
-    return f"{v.mean():.2f} ± {v.std():.2f}"
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def fmt_seconds(s: float) -> str:
-    return f"{s:.0f} s ({s / 60:.1f} min)"
-
-
-def command_line() -> str:
-    return "/work/venv/bin/python " + " ".join(["examples/otfusion_experiments.py", *sys.argv[1:]])
+# Population std over seeds (ddof = 0), as these reports have always stated their spreads.
+mean_std = functools.partial(_mean_std, ddof=0)
 
 
 def settings_block(cfg: Config, extra: Sequence[str]) -> str:
@@ -244,6 +194,7 @@ def settings_block(cfg: Config, extra: Sequence[str]) -> str:
         "- training: `jfusion.train.init_models` + `fit_models`, optax SGD "
         f"lr {cfg.learning_rate}, momentum {cfg.momentum}, batch {cfg.batch_size}, {cfg.epochs} epochs "
         "over each model's own subset, no weight decay, no schedule (OTFusion's MNIST defaults)",
+        "- spreads: mean ± population std (ddof = 0) over seeds",
         f"- model: `MLP({FEATURES})` (784-400-200-100-10, ReLU, with biases; the paper's MLPNet has no biases)",
         f"- jfusion {getattr(jfusion, '__version__', '0.1.0')}, JAX {jax.__version__}, backend {jax.default_backend()}",
     ]
@@ -399,7 +350,7 @@ def run_skill(cfg: Config, data: Data, out: str, special: int, seeds: Sequence[i
         "# OTFusion experiment 1: one-shot skill transfer (paper §5.1, Figure 2)"
         + ("" if special == SPECIAL else f", special class {special}"),
         *([note] if note else []),
-        f"Command: `{command_line()}`  \nRuntime of this experiment: {fmt_seconds(total_s)} "
+        f"Command: `{command_line('otfusion_experiments.py', sys.argv[1:])}`  \nRuntime of this experiment: {fmt_seconds(total_s)} "
         f"(training {fmt_seconds(train_s)}; one OT fusion pair (acts + weights) takes "
         f"{np.median(fuse_s) * 1000:.0f} ms warm, median).",
         "## Settings\n\n"
@@ -538,7 +489,7 @@ def exp_four(cfg: Config, data: Data, out: str) -> dict[str, Any]:
     fig = plot_four(res, main_rows_keys, os.path.join(out, "otfusion_four_models.png"))
     sections = [
         "# OTFusion experiment 2: four models on a 10/30/50/10 split (paper §5.1, 'the case of multiple models')",
-        f"Command: `{command_line()}`  \nRuntime of this experiment: {fmt_seconds(total_s)}.",
+        f"Command: `{command_line('otfusion_experiments.py', sys.argv[1:])}`  \nRuntime of this experiment: {fmt_seconds(total_s)}.",
         "## Settings\n\n"
         + settings_block(
             cfg,
@@ -654,7 +605,7 @@ def exp_widths(cfg: Config, data: Data, out: str) -> dict[str, Any]:
     fig = plot_widths(cfg, res, targets, alignments, os.path.join(out, "otfusion_widths.png"))
     sections = [
         "# OTFusion experiment 3: fusing models of different widths (paper §5.2, Figure 4)",
-        f"Command: `{command_line()}`  \nRuntime of this experiment: {fmt_seconds(total_s)} (training {fmt_seconds(train_s)}).",
+        f"Command: `{command_line('otfusion_experiments.py', sys.argv[1:])}`  \nRuntime of this experiment: {fmt_seconds(total_s)} (training {fmt_seconds(train_s)}).",
         "## Settings\n\n"
         + settings_block(
             cfg,
@@ -771,7 +722,7 @@ def exp_ensemble(cfg: Config, data: Data, out: str) -> dict[str, Any]:
     fig = plot_ensemble(rows, parent0_ft, os.path.join(out, "otfusion_ensembling.png"))
     sections = [
         "# OTFusion experiment 4: fusion as an efficient proxy for the ensemble (paper §5.3)",
-        f"Command: `{command_line()}`  \nRuntime of this experiment: {fmt_seconds(total_s)} "
+        f"Command: `{command_line('otfusion_experiments.py', sys.argv[1:])}`  \nRuntime of this experiment: {fmt_seconds(total_s)} "
         f"(training {fmt_seconds(train_s)}; one fine-tuning run {ft_one_s:.0f} s).",
         "## Settings\n\n"
         + settings_block(
@@ -923,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     start = time.perf_counter()
-    data = load_data(cfg)
+    data = load_data(cfg.train_subsample, cfg.test_subsample)
     times = {}
     failed = []
     for name in args.exp:

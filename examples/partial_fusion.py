@@ -36,12 +36,12 @@ test set: every setting below is fixed in advance.
 
 Run (about 25 minutes on 2 shared CPU cores; the report states the measured time)::
 
-    /work/venv/bin/python examples/partial_fusion.py
+    python examples/partial_fusion.py
 
 Smoke test on a tiny budget (under a minute; writes to a temporary directory unless ``--out``
 is given)::
 
-    /work/venv/bin/python examples/partial_fusion.py --quick
+    python examples/partial_fusion.py --quick
 
 Raw per-seed numbers are saved to ``partial_fusion_results.json``; ``--report-only``
 rebuilds the report and figures from it without recomputing.
@@ -70,10 +70,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import jfusion  # noqa: E402
-from jfusion.data import load_dataset, special_class_split  # noqa: E402
+from jfusion.data import special_class_split  # noqa: E402
 from jfusion.models import MLP, mlp_spec  # noqa: E402
 from jfusion.support import ModuleActivations  # noqa: E402
 from jfusion.train import fit_models, init_models  # noqa: E402
+from common import Data, activation_batch, command_line, fmt_seconds, load_data, md_table, mean_std, pick  # noqa: E402
 
 FEATURES = (100, 100, 100, 10)  # the paper's MNIST MLP, 784-100-100-100-10
 SPEC = mlp_spec(len(FEATURES))
@@ -121,36 +122,7 @@ QUICK = Config(
 )
 
 
-@dataclasses.dataclass
-class Data:
-    xtr: np.ndarray
-    ytr: np.ndarray
-    xte: np.ndarray
-    yte: np.ndarray
-
-
-def load_data(cfg: Config) -> Data:
-    d = load_dataset("fashion_mnist")
-    xtr, ytr, xte, yte = d.train_images, d.train_labels, d.test_images, d.test_labels
-    if cfg.train_subsample:
-        xtr, ytr = _stratified(xtr, ytr, cfg.train_subsample)
-    if cfg.test_subsample:
-        xte, yte = _stratified(xte, yte, cfg.test_subsample)
-    return Data(xtr, ytr, xte, yte)
-
-
-def _stratified(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    per = n // 10
-    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(10)]))
-    return x[idx], y[idx]
-
-
 # --- helpers ------------------------------------------------------------------------------
-
-
-def pick(tree: Any, k: int) -> Any:
-    return jax.tree.map(lambda a: a[k], tree)
 
 
 def features_of(params: Any) -> tuple[int, ...]:
@@ -267,12 +239,6 @@ def train_all(cfg: Config, data: Data) -> dict[str, Any]:
         models["A2"] = [pick(a2, i) for i in range(k)]
         models["B2"] = [pick(b2, i) for i in range(k)]
     return models
-
-
-def activation_batch(data: Data, n: int, seed: int) -> jax.Array:
-    """``n`` random training images (all classes) for activation supports."""
-    idx = np.random.default_rng(10_000 + seed).choice(len(data.ytr), size=n, replace=False)
-    return jnp.asarray(data.xtr[np.sort(idx)])
 
 
 def widths_for(alpha: float) -> dict[str, int]:
@@ -405,23 +371,6 @@ def exp_compression(cfg: Config, data: Data, models: dict[str, Any], timings: di
 
 
 # --- report -------------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float], digits: int = 2) -> str:
-    v = np.asarray(values, np.float64)
-    if v.size == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def fmt_seconds(s: float) -> str:
-    return f"{s:.0f} s ({s / 60:.1f} min)"
 
 
 def fmt_count(values: Sequence[int]) -> str:
@@ -603,10 +552,6 @@ def plot_compression(rows: list[dict[str, Any]], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def command_line(argv: Sequence[str]) -> str:
-    return "/work/venv/bin/python " + " ".join(["examples/partial_fusion.py", *argv])
 
 
 def settings_block(cfg: dict[str, Any], sizes: Sequence[int]) -> str:
@@ -803,7 +748,7 @@ LIMITATIONS = """
 
 def run(cfg: Config, argv: Sequence[str]) -> dict[str, Any]:
     start = time.perf_counter()
-    data = load_data(cfg)
+    data = load_data(cfg.train_subsample, cfg.test_subsample)
     models = train_all(cfg, data)
     train_s = time.perf_counter() - start
     n_models = sum(len(v) for k, v in models.items() if k != "sizes")
@@ -865,7 +810,7 @@ def run(cfg: Config, argv: Sequence[str]) -> dict[str, Any]:
     timings["total_s"] = time.perf_counter() - start
     timings["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs), JAX backend {jax.default_backend()}"
     return {
-        "command": command_line(argv),
+        "command": command_line("partial_fusion.py", argv),
         "config": {**dataclasses.asdict(cfg), "n_test": int(len(data.yte))},
         "sizes": list(sizes),
         "timings": timings,
