@@ -637,8 +637,9 @@ LIMITATIONS = """\
    support.** BatchNorm running mean/var are part of the default weight support (running
    statistics are not weights; harmless here per the ablation, but a questionable default). The
    ablation uses the internal `jfusion.transport.transport_model` (marked in `transport_with`).
-4. **Under `jax.jit`, `fuse` drops the solver diagnostics** (it returns only the parameters and
-   cannot warn on traced values): Sinkhorn convergence was checked with an eager `jfusion.align`
+4. **Under `jax.jit`, `fuse` dropped the solver diagnostics** (found by this experiment, fixed
+   since: `fuse(..., return_plans=True)` returns the plans with their convergence flags; a
+   warning cannot see traced values): here Sinkhorn convergence was checked with an eager `jfusion.align`
    (iteration counts in the notes above).
 """
 

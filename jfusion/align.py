@@ -388,19 +388,31 @@ def align(
     problem = prepare(params_list, spec, solver, alignment, metric, target, inputs)
     aligned, results = align_problem(problem)
     if problem.models.stacked is not None:
-        plans = results
         aligned = unflatten(problem.target_treedef, aligned)
         if isinstance(params_list, (list, tuple)):
             aligned = [jax.tree.map(lambda x, k=k: x[k], aligned) for k in range(problem.models.num_models)]
     else:
-        plans = {g: tuple(r[g] for r in results) for g in spec.groups}
         aligned = [unflatten(problem.target_treedef, a) for a in aligned]
+    plans = group_plans(results, spec.groups)
     warn_unconverged(plans)
     return Alignment(aligned, plans)
 
 
-def warn_unconverged(plans: Mapping[str, OTResult | tuple[OTResult, ...]]) -> None:
-    """Warn (eagerly; a no-op under tracing) about every plan whose solver did not converge."""
+def group_plans(
+    results: Mapping[str, OTResult] | Sequence[Mapping[str, OTResult]], groups: Sequence[str]
+) -> dict[str, OTResult | tuple[OTResult, ...]]:
+    """``{group: results}``: stacked results as they are, a list of per-model dicts regrouped."""
+    if isinstance(results, Mapping):
+        return dict(results)
+    return {g: tuple(r[g] for r in results) for g in groups}
+
+
+def warn_unconverged(plans: Mapping[str, OTResult | tuple[OTResult, ...]], stacklevel: int = 3) -> None:
+    """Warn (eagerly; a no-op under tracing) about every plan whose solver did not converge.
+
+    ``stacklevel`` points the warning at the user's call: 3 when the public function calls
+    this directly.
+    """
     for group, result in plans.items():
         per_model = [result] if isinstance(result, OTResult) else result
         flags = [np.atleast_1d(np.asarray(r.converged)) for r in per_model if _is_concrete(r.converged)]
@@ -415,5 +427,5 @@ def warn_unconverged(plans: Mapping[str, OTResult | tuple[OTResult, ...]]) -> No
                 f"(stopped after {', '.join(str(i) for i in iters[bad])} iterations); raise "
                 f"max_iterations or epsilon, or use jfusion.Exact()",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.align import PlanConfig, align_flat, align_problem, prepare, warn_unconverged
+from jfusion.align import PlanConfig, align_flat, align_problem, group_plans, prepare, warn_unconverged
 from jfusion.costs import GroundMetric
 from jfusion.errors import ConvergenceWarning, FusionInputError
 from jfusion.evaluate import TrainApply, recalibrate_batch_stats
@@ -62,6 +62,15 @@ def slot_weights(coverage: jax.Array, weights: jax.Array) -> jax.Array:
     return share / jnp.where(total > 0, total, 1.0)
 
 
+def received_mass(
+    results: Mapping[str, OTResult] | Sequence[Mapping[str, OTResult]], groups: Sequence[str]
+) -> dict[str, jax.Array]:
+    """``{group: (K, m)}``: the mass each model's plan sends to each of the target's slots."""
+    if isinstance(results, Mapping):
+        return {g: results[g].plan.sum(axis=-2) for g in groups}
+    return {g: jnp.stack([r[g].plan.sum(axis=0) for r in results]) for g in groups}
+
+
 def combine(
     config: PlanConfig,
     aligned: Mapping[str, jax.Array] | Sequence[Mapping[str, jax.Array]],
@@ -78,9 +87,7 @@ def combine(
     spec = config.spec
     if not isinstance(aligned, Mapping):
         aligned = {p: jnp.stack([a[p] for a in aligned]) for p in aligned[0]}
-        received = {g: jnp.stack([r[g].plan.sum(axis=0) for r in results]) for g in spec.groups}
-    else:
-        received = {g: results[g].plan.sum(axis=-2) for g in spec.groups}
+    received = received_mass(results, spec.groups)
     lambdas = {g: slot_weights(config.plans.coverage(g, received[g]), weights) for g in spec.groups}
     fused = weighted_sum({p: x for p, x in aligned.items() if spec[p].output_group is None}, weights, dtypes)
     for leaf in spec.leaves:
@@ -107,7 +114,8 @@ def fuse(
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
     recalibrate: tuple[TrainApply, jax.Array] | None = None,
-) -> PyTree:
+    return_plans: bool = False,
+) -> PyTree | tuple[PyTree, dict[str, OTResult | tuple[OTResult, ...]]]:
     """Fuse K models into one by optimal-transport alignment and weighted averaging.
 
     ``W_F = sum_k w_k diag(1/beta) T_k^T W^_k`` per layer, where ``T_k`` aligns model k to
@@ -118,18 +126,24 @@ def fuse(
     Pure and traceable: ``jax.jit(fuse, static_argnames=...)``, ``lax.scan`` over rounds and
     ``vmap`` over many fusions all work; models of equal widths are aligned under ``vmap``
     so the whole pass is one XLA program. Called eagerly, it warns with
-    :class:`jfusion.ConvergenceWarning` when an iterative solver did not converge.
+    :class:`jfusion.ConvergenceWarning` when an iterative solver did not converge; under
+    ``jit`` a warning cannot see traced flags, so ask for ``return_plans=True`` and check
+    ``plans[group].converged`` on the result.
 
     Args: as :func:`jfusion.align`, plus
       weights: model weights ``w_k`` (K,), normalised to sum to one; uniform by default.
       recalibrate: ``(train_apply, batches)``: recompute the fused model's BatchNorm
         statistics on these batches (see :func:`jfusion.recalibrate_batch_stats`).
+      return_plans: also return the plans with their diagnostics, as :func:`jfusion.align`
+        does (``{group: OTResult}``); static under ``jit``.
 
     Returns:
-      The fused pytree, with the target's structure, widths and dtypes.
+      The fused pytree, with the target's structure, widths and dtypes; with
+      ``return_plans``, the pair ``(fused, plans)``.
     """
     problem = prepare(params_list, spec, solver, alignment, metric, target, inputs)
-    return fuse_problem(problem, weights, recalibrate)[0]
+    fused, results = fuse_problem(problem, weights, recalibrate)
+    return (fused, group_plans(results, spec.groups)) if return_plans else fused
 
 
 def fuse_problem(
@@ -150,9 +164,7 @@ def fuse_problem(
         else {p: jnp.result_type(x) for p, x in problem.target_leaves.items()}
     )
     fused = combine(problem.config, aligned, results, w, dtypes)
-    warn_unconverged(
-        {g: tuple(r[g] for r in results) for g in spec.groups} if isinstance(results, list) else results
-    )
+    warn_unconverged(group_plans(results, spec.groups), stacklevel=4)  # user -> fuse -> here
     fused = unflatten(problem.target_treedef, fused)
     if recalibrate is not None:
         train_apply, batches = recalibrate

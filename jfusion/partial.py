@@ -38,7 +38,7 @@ from jfusion.align import prepare, solve_balanced
 from jfusion.costs import GroundMetric
 from jfusion.errors import FusionInputError
 from jfusion.evaluate import TrainApply
-from jfusion.fuse import fuse_problem
+from jfusion.fuse import fuse_problem, received_mass
 from jfusion.solvers import Exact, OTResult, Solver
 from jfusion.spec import Spec
 from jfusion.support import AlignmentMethod
@@ -230,11 +230,7 @@ def partial_fuse(
     )
     problem = dataclasses.replace(problem, config=dataclasses.replace(problem.config, plans=plans))
     fused, results = fuse_problem(problem, weights, recalibrate)
-    received = (
-        {g: jnp.stack([r[g].plan.sum(axis=0) for r in results]) for g in spec.groups}
-        if isinstance(results, list)
-        else {g: results[g].plan.sum(axis=-2) for g in spec.groups}
-    )
+    received = received_mass(results, spec.groups)
     # Put every group's slots in the order [fused | isolated of model 0 | model 1 | ...].
     owners = {g: _owners(plans.coverage(g, received[g])) for g in spec.groups}
     orders = {g: jnp.argsort(owners[g], stable=True) for g in spec.groups}

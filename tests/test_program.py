@@ -30,6 +30,25 @@ def test_jitted_fuse_lowers_to_one_program_without_host_callbacks_and_vmaps_over
     assert texts[2].count("stablehlo.while") == texts[8].count("stablehlo.while") > 0
 
 
+def test_jitted_fuse_returns_its_plans_so_non_convergence_is_visible_under_jit():
+    models = stacked_models(3)
+    capped = jfusion.Sinkhorn(epsilon=1e-3, max_iterations=20)
+    fuse = jax.jit(functools.partial(jfusion.fuse, spec=SPEC, solver=capped, return_plans=True))
+    fused, plans = fuse(models)
+    assert set(plans) == set(SPEC.groups)
+    # Nothing can warn inside jit: the flags say it. Model 0 is the target (its plan the identity).
+    np.testing.assert_array_equal(plans["h0"].converged, [True, False, False])
+    np.testing.assert_array_equal(plans["h0"].iterations, [0, 20, 20])
+    with pytest.warns(jfusion.ConvergenceWarning) as warned:
+        eager = jfusion.fuse(models, SPEC, solver=capped)
+    assert {"'h0':", "'h1':"} <= {str(w.message).split()[1] for w in warned}
+    assert all(w.filename == __file__ for w in warned)  # the warning points at the caller's line
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), fused, eager)
+    _, exact_plans = jfusion.fuse(models, SPEC, return_plans=True)
+    assert all(np.asarray(r.converged).all() for r in exact_plans.values())
+    assert exact_plans["h0"].plan.shape == (3, 24, 24)
+
+
 def test_fuse_inside_lax_scan_matches_a_python_loop():
     """A federated loop: each round fuses the clients, then clients drift from the fused model."""
 
