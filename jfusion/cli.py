@@ -46,11 +46,11 @@ from jfusion.fuse import fuse
 from jfusion.models.registry import MODELS, build_model, describe, from_metadata, model_arguments
 from jfusion.solvers import Exact, Sinkhorn, Solver
 from jfusion.spec import Spec
-from jfusion.support import Activations
+from jfusion.support import Activations, Weights
 from jfusion.train import evaluate, evaluate_models, takes_train, train_models
 
 # Model constructor arguments settable by flags of the same name (--num-classes ...).
-MODEL_FLAGS = ("num_classes", "width", "features", "conv_features", "dense_features")
+MODEL_FLAGS = ("num_classes", "width", "features", "conv_features", "dense_features", "hidden", "cell")
 
 SPLIT_FORMS = "full, iid, special:CLASS:FRACTION or dirichlet:ALPHA"
 
@@ -312,7 +312,11 @@ def _run_fuse(args: argparse.Namespace) -> None:
     if by_activations or args.recalibrate or args.evaluate:
         data = _fusion_data(args, loaded[0])
         module = from_metadata(loaded[target].metadata)  # the fused model has the target's architecture
-    alignment, inputs = ("weights", None)
+    if args.sweeps < 1:
+        raise UsageError(f"--sweeps must be at least 1, not {args.sweeps}")
+    if by_activations and args.sweeps != 1:
+        raise UsageError("--sweeps is for weight alignment; activation alignment needs none")
+    alignment, inputs = Weights(sweeps=args.sweeps), None
     if by_activations:
         alignment, inputs = _activation_alignment(args, module, loaded, data)
     recalibrate = _recalibration(args, module, loaded[target].variables, data) if args.recalibrate else None
@@ -337,6 +341,7 @@ def _run_fuse(args: argparse.Namespace) -> None:
         "solver": args.solver,
         "epsilon": args.epsilon,
         "alignment": args.alignment,
+        "sweeps": None if by_activations else args.sweeps,
         "samples": args.samples if by_activations else None,
         "weights": args.weights,
         "target": target,
@@ -403,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--features", type=int, nargs="+", metavar="N", help="mlp's widths, the last = classes")
     train.add_argument("--conv-features", type=int, nargs="+", metavar="N", help="cnn's conv widths")
     train.add_argument("--dense-features", type=int, nargs="+", metavar="N", help="cnn's dense widths")
+    train.add_argument("--hidden", type=int, nargs="+", metavar="N", help="rnn's recurrent layer widths")
+    train.add_argument("--cell", choices=("simple", "lstm", "gru"), help="rnn's cell (default lstm)")
     train.add_argument("--data", required=True, choices=DATASETS)
     train.add_argument("--data-dir", metavar="DIR", help="where the dataset is (see jfusion.data)")
     train.add_argument("--seeds", type=int, nargs="+", required=True, metavar="S", help="one model per seed")
@@ -431,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Sinkhorn's regularisation, relative to the mean cost (default: {Sinkhorn().epsilon})",
     )
     fusion.add_argument("--alignment", choices=("weights", "activations"), default="weights", help=default[1:])
+    fusion.add_argument(
+        "--sweeps", type=int, default=1, metavar="S",
+        help="passes of weight alignment over the groups; later ones also match on weights that read a group "
+        "solved later, e.g. an RNN's hidden-to-hidden kernels" + default,
+    )
     fusion.add_argument("--weights", type=float, nargs="+", metavar="W", help="one per model (default: uniform)")
     fusion.add_argument(
         "--target", type=int, default=0, metavar="INDEX", help="the model whose widths the fused one has" + default

@@ -115,6 +115,23 @@ def test_train_then_fuse_by_activations_and_evaluate(parents, tmp_path, capsys):
     assert table[4].startswith(str(out)) and f"{100 * accuracy:.2f}%" in table[4]
 
 
+def test_train_and_fuse_recurrent_models_with_two_sweeps(tmp_path):
+    runs = tmp_path / "runs"
+    train = ["train", "--model", "rnn", "--hidden", "12", "--cell", "gru", "--data", "digits", "--seeds", "0", "1",
+             "--epochs", "1", "--out", str(runs)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(train) == 0
+    paths = [runs / "model_0", runs / "model_1"]
+    variables, spec, metadata = load_checkpoint(paths[0])
+    assert metadata["kwargs"] == {"hidden": [12], "num_classes": 10, "cell": "gru"}
+    assert variables["params"]["Recurrent_0"]["hr"]["kernel"].shape == (12, 12)  # digits: 8 rows of 8 pixels
+    assert main(fuse_command(paths, tmp_path / "fused", "--sweeps", "2")) == 0
+    fused, _, metadata = load_checkpoint(tmp_path / "fused")
+    expected = jfusion.fuse([load_checkpoint(p)[0] for p in paths], spec, alignment=jfusion.Weights(sweeps=2))
+    assert_trees_equal(fused, expected)
+    assert metadata["fusion"]["sweeps"] == 2
+
+
 def test_demo_prints_its_table(capsys):
     assert main(["demo", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
@@ -140,6 +157,8 @@ BAD_INPUTS = {
     "mismatched": "model 1: params/Dense_0/kernel axis 0 has size 100",
     "exists": "already exists; pass --overwrite",
     "epsilon-exact": "--epsilon is Sinkhorn's regularisation",
+    "zero-sweeps": "--sweeps must be at least 1, not 0",
+    "sweeps-activations": "--sweeps is for weight alignment",
 }
 
 
@@ -153,6 +172,8 @@ def test_bad_inputs_are_one_line_and_exit_code_2(parents, tmp_path, capsys, case
         "mismatched": lambda: fuse_command([paths[0], mismatched_checkpoint(tmp_path / "wide")], out),
         "exists": lambda: fuse_command(paths[:2], paths[2]),
         "epsilon-exact": lambda: fuse_command(paths[:2], out, "--epsilon", "0.1"),
+        "zero-sweeps": lambda: fuse_command(paths[:2], out, "--sweeps", "0"),
+        "sweeps-activations": lambda: fuse_command(paths[:2], out, "--alignment", "activations", "--sweeps", "2"),
     }
     argv = commands[case]()
     assert main(argv) == 2

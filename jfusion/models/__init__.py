@@ -11,6 +11,7 @@ from jfusion.models.registry import (
     model_arguments,
 )
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
+from jfusion.models.rnn import RecurrentClassifier, rnn_spec
 from jfusion.models.vgg import VGG, VGG11, vgg_spec
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "ModelConfigError",
+    "RecurrentClassifier",
     "ResNet",
     "ResNet18",
     "ResNet20",
@@ -31,5 +33,6 @@ __all__ = [
     "mlp_spec",
     "model_arguments",
     "resnet_spec",
+    "rnn_spec",
     "vgg_spec",
 ]

@@ -7,7 +7,7 @@ module from it, and ``module.spec()`` its Spec. Every argument is recorded, defa
 included, so a checkpoint keeps meaning the same model if a default changes later.
 
 Names: ``mlpnet`` (OTFusion's MLPNet, 784-400-200-100-10 on MNIST), ``mlp``, ``cnn``,
-``vgg11``, ``vgg11_bn``, ``resnet18``, ``resnet20``; see :data:`MODELS`.
+``vgg11``, ``vgg11_bn``, ``resnet18``, ``resnet20``, ``rnn``; see :data:`MODELS`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from jfusion.errors import JFusionError
 from jfusion.models.cnn import CNN
 from jfusion.models.mlp import MLP
 from jfusion.models.resnet import ResNet, ResNet18, ResNet20
+from jfusion.models.rnn import RecurrentClassifier
 from jfusion.models.vgg import VGG, VGG11
 
 
@@ -62,6 +63,12 @@ def _resnet(constructor: Callable[..., ResNet]) -> Callable[..., ResNet]:
     return build
 
 
+def _rnn(*, hidden: Sequence[int] = (64,), num_classes: int = 10, cell: str = "lstm") -> RecurrentClassifier:
+    if cell not in ("simple", "lstm", "gru"):
+        raise ModelConfigError(f"an rnn's cell is 'simple', 'lstm' or 'gru', not {cell!r}")
+    return RecurrentClassifier(hidden, num_classes, cell)
+
+
 # name -> builder: keyword-only arguments, all with defaults (so describe can record every
 # one); sequences arrive as tuples.
 MODELS: Mapping[str, Callable[..., nn.Module]] = {
@@ -72,6 +79,7 @@ MODELS: Mapping[str, Callable[..., nn.Module]] = {
     "vgg11_bn": _vgg(True),
     "resnet18": _resnet(ResNet18),  # CIFAR ResNets with BatchNorm, integer width multiplier
     "resnet20": _resnet(ResNet20),
+    "rnn": _rnn,  # recurrent layers (Elman, LSTM or GRU) reading images row by row, Dense readout
 }
 
 
