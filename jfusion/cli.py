@@ -44,6 +44,7 @@ from jfusion.errors import JFusionError
 from jfusion.evaluate import TrainApply
 from jfusion.fuse import fuse
 from jfusion.models.registry import MODELS, build_model, describe, from_metadata, model_arguments
+from jfusion.models.rnn import CELL_KINDS
 from jfusion.solvers import Exact, Sinkhorn, Solver
 from jfusion.spec import Spec
 from jfusion.support import Activations, Weights
@@ -304,6 +305,10 @@ def _run_fuse(args: argparse.Namespace) -> None:
     if not -len(paths) <= args.target < len(paths):
         raise UsageError(f"--target {args.target} is not a checkpoint index for {len(paths)} checkpoints")
     target = args.target % len(paths)
+    if args.sweeps < 1:
+        raise UsageError(f"--sweeps must be at least 1, not {args.sweeps}")
+    if args.alignment == "activations" and args.sweeps != 1:
+        raise UsageError("--sweeps is for weight alignment; activation alignment needs none")
     _log(f"loading {len(paths)} checkpoints")
     loaded = [_load(path) for path in paths]
     spec = _fusion_spec(args.spec, paths, loaded)
@@ -312,10 +317,6 @@ def _run_fuse(args: argparse.Namespace) -> None:
     if by_activations or args.recalibrate or args.evaluate:
         data = _fusion_data(args, loaded[0])
         module = from_metadata(loaded[target].metadata)  # the fused model has the target's architecture
-    if args.sweeps < 1:
-        raise UsageError(f"--sweeps must be at least 1, not {args.sweeps}")
-    if by_activations and args.sweeps != 1:
-        raise UsageError("--sweeps is for weight alignment; activation alignment needs none")
     alignment, inputs = Weights(sweeps=args.sweeps), None
     if by_activations:
         alignment, inputs = _activation_alignment(args, module, loaded, data)
@@ -409,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--conv-features", type=int, nargs="+", metavar="N", help="cnn's conv widths")
     train.add_argument("--dense-features", type=int, nargs="+", metavar="N", help="cnn's dense widths")
     train.add_argument("--hidden", type=int, nargs="+", metavar="N", help="rnn's recurrent layer widths")
-    train.add_argument("--cell", choices=("simple", "lstm", "gru"), help="rnn's cell (default lstm)")
+    train.add_argument("--cell", choices=CELL_KINDS, help="rnn's cell (default lstm)")
     train.add_argument("--data", required=True, choices=DATASETS)
     train.add_argument("--data-dir", metavar="DIR", help="where the dataset is (see jfusion.data)")
     train.add_argument("--seeds", type=int, nargs="+", required=True, metavar="S", help="one model per seed")

@@ -4,9 +4,9 @@
 orders) at once with :func:`jfusion.train.train_models`, then fused by every method in
 ``methods`` -- by default vanilla averaging, OT fusion (exact, Sinkhorn, by activations),
 barycenter fusion and partial fusion -- and each fused model's test accuracy, size and
-fusion time are tabulated next to the parents and their prediction ensemble. Without alignment, averaging independently
-initialised networks mixes unrelated neurons; OT fusion matches them first (Singh & Jaggi
-2020).
+fusion time are tabulated next to the parents and their prediction ensemble. Without
+alignment, averaging independently initialised networks mixes unrelated neurons; OT fusion
+matches them first (Singh & Jaggi 2020).
 
 Run it with ``python -m jfusion.demo``.
 """

@@ -21,7 +21,7 @@ from jfusion.errors import JFusionError
 from jfusion.models.cnn import CNN
 from jfusion.models.mlp import MLP
 from jfusion.models.resnet import ResNet, ResNet18, ResNet20
-from jfusion.models.rnn import RecurrentClassifier
+from jfusion.models.rnn import CELL_KINDS, RecurrentClassifier
 from jfusion.models.vgg import VGG, VGG11
 
 
@@ -64,8 +64,8 @@ def _resnet(constructor: Callable[..., ResNet]) -> Callable[..., ResNet]:
 
 
 def _rnn(*, hidden: Sequence[int] = (64,), num_classes: int = 10, cell: str = "lstm") -> RecurrentClassifier:
-    if cell not in ("simple", "lstm", "gru"):
-        raise ModelConfigError(f"an rnn's cell is 'simple', 'lstm' or 'gru', not {cell!r}")
+    if cell not in CELL_KINDS:
+        raise ModelConfigError(f"an rnn's cell is one of {CELL_KINDS}, not {cell!r}")
     return RecurrentClassifier(hidden, num_classes, cell)
 
 

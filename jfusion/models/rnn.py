@@ -19,6 +19,7 @@ import jax
 from jfusion.spec import Spec
 
 CellKind = Literal["simple", "lstm", "gru"]
+CELL_KINDS: tuple[str, ...] = ("simple", "lstm", "gru")
 
 # Per cell, flax.linen's submodule names: (input-to-hidden with bias, input-to-hidden without,
 # hidden-to-hidden with bias, hidden-to-hidden without). Every one's outputs are the hidden units.
@@ -54,8 +55,8 @@ class RecurrentClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.cell not in _CELLS:
-            raise ValueError(f"cell must be one of {sorted(_CELLS)}, not {self.cell!r}")
+        if self.cell not in CELL_KINDS:
+            raise ValueError(f"cell must be one of {CELL_KINDS}, not {self.cell!r}")
         x = x.reshape((x.shape[0], x.shape[1], -1))
         for i, width in enumerate(self.hidden):
             x = nn.RNN(_CELLS[self.cell](width, name=f"Recurrent_{i}"))(x)
@@ -87,8 +88,8 @@ def rnn_spec(
       readout: the Dense layer after the last recurrent layer, or None if there is none.
       group_prefix: prefix of the group names.
     """
-    if cell not in _CELL_LEAVES:
-        raise ValueError(f"cell must be one of {sorted(_CELL_LEAVES)}, not {cell!r}")
+    if cell not in CELL_KINDS:
+        raise ValueError(f"cell must be one of {CELL_KINDS}, not {cell!r}")
     names = list(layer_names) if layer_names is not None else [f"Recurrent_{i}" for i in range(num_layers)]
     if len(names) != num_layers:
         raise ValueError(f"{num_layers} layers but {len(names)} layer_names")
