@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.data import load_dataset
+from jfusion.workflow.data import load_dataset
 
 
 @dataclasses.dataclass

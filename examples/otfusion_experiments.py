@@ -61,9 +61,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import jfusion  # noqa: E402
-from jfusion.data import proportion_split, special_class_split  # noqa: E402
+from jfusion.workflow.data import proportion_split, special_class_split  # noqa: E402
 from jfusion.models import MLP, mlp_spec  # noqa: E402
-from jfusion.train import evaluate_models, finetune, fit_models, init_models  # noqa: E402
+from jfusion.workflow.train import evaluate_models, finetune, fit_models, init_models  # noqa: E402
 from common import Data, activation_batch, command_line, fmt_seconds, load_data, md_table, pick  # noqa: E402
 from common import mean_std as _mean_std  # noqa: E402
 

@@ -70,10 +70,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import jfusion  # noqa: E402
-from jfusion.data import special_class_split  # noqa: E402
+from jfusion.workflow.data import special_class_split  # noqa: E402
 from jfusion.models import MLP, mlp_spec  # noqa: E402
-from jfusion.support import ModuleActivations  # noqa: E402
-from jfusion.train import fit_models, init_models  # noqa: E402
+from jfusion.core.support import ModuleActivations  # noqa: E402
+from jfusion.workflow.train import fit_models, init_models  # noqa: E402
 from common import Data, activation_batch, command_line, fmt_seconds, load_data, md_table, mean_std, pick  # noqa: E402
 
 FEATURES = (100, 100, 100, 10)  # the paper's MNIST MLP, 784-100-100-100-10

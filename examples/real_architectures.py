@@ -46,10 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jfusion
-from jfusion.data import load_dataset
+from jfusion.workflow.data import load_dataset
 from jfusion.models import MLP, ResNet, mlp_spec
-from jfusion.train import train_models
-from jfusion.tree import flatten, unflatten
+from jfusion.workflow.train import train_models
+from jfusion.core.tree import flatten, unflatten
 
 RESULTS = Path(__file__).resolve().parent / "results" / "real_architectures.md"
 
@@ -379,7 +379,7 @@ def transport_with(plans: dict, model_b: Any, spec: jfusion.Spec) -> Any:
 
     WORKAROUND (jfusion has no public "fuse with these plans" entry point): uses the internal
     jfusion.transport.transport_model, the function fuse() itself applies."""
-    from jfusion.transport import group_map, transport_model
+    from jfusion.core.transport import group_map, transport_model
 
     leaves, treedef = flatten(model_b)
     widths = spec.validate({p: np.shape(x) for p, x in leaves.items()})

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import jfusion  # noqa: E402
 from jfusion.models import RecurrentClassifier  # noqa: E402
-from jfusion.train import evaluate, evaluate_models, train_models  # noqa: E402
+from jfusion.workflow.train import evaluate, evaluate_models, train_models  # noqa: E402
 from common import activation_batch, command_line, fmt_seconds, load_data, md_table, mean_std, pick  # noqa: E402
 
 

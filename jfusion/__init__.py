@@ -16,18 +16,18 @@ neuron: supports (weights or activations) -> costs -> plans ``T_k`` -> transport
   random permutations.
 """
 
-from jfusion.align import Alignment, align
-from jfusion.baselines import ensemble_apply, vanilla_average
+from jfusion.core.align import Alignment, align
+from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.check import check_spec, permute
-from jfusion.costs import GroundMetric
-from jfusion.errors import ConvergenceWarning, FusionInputError, JFusionError, SpecError
+from jfusion.core.costs import GroundMetric
+from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionError, SpecError
 from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
-from jfusion.fuse import Barycenter, barycenter_fuse, fuse
-from jfusion.partial import PartialFusion, partial_fuse
-from jfusion.prune import prune
-from jfusion.solvers import Exact, OTResult, Sinkhorn
-from jfusion.spec import LeafSpec, Spec
-from jfusion.support import Activations, ModuleActivations, Weights
+from jfusion.methods.fuse import Barycenter, barycenter_fuse, fuse
+from jfusion.methods.partial import PartialFusion, partial_fuse
+from jfusion.methods.prune import prune
+from jfusion.core.solvers import Exact, OTResult, Sinkhorn
+from jfusion.core.spec import LeafSpec, Spec
+from jfusion.core.support import Activations, ModuleActivations, Weights
 
 __all__ = [
     "Activations",

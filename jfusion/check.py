@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.errors import SpecError
-from jfusion.spec import Spec
-from jfusion.transport import permute_groups
-from jfusion.tree import PyTree, flatten, unflatten
+from jfusion.core.errors import SpecError
+from jfusion.core.spec import Spec
+from jfusion.core.transport import permute_groups
+from jfusion.core.tree import PyTree, flatten, unflatten
 
 
 def permute(

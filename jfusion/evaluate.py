@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.errors import FusionInputError
-from jfusion.tree import PyTree, flatten
+from jfusion.core.errors import FusionInputError
+from jfusion.core.tree import PyTree, flatten
 
 TrainApply = Callable[[PyTree, jax.Array], tuple[Any, PyTree]]
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.transport import GroupMap, transport_leaf
-from jfusion.tree import flatten, unflatten
+from jfusion.core.transport import GroupMap, transport_leaf
+from jfusion.core.tree import flatten, unflatten
 
 
 def max_tree_difference(a, b):

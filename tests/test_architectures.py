@@ -9,9 +9,9 @@ import pytest
 from planted import permutation_matrix, random_variables
 
 import jfusion
-from jfusion.data import load_dataset
+from jfusion.workflow.data import load_dataset
 from jfusion.models import VGG, ResNet18
-from jfusion.train import evaluate, train_models
+from jfusion.workflow.train import evaluate, train_models
 
 
 RESNET18 = ResNet18()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfusion.checkpoint import load_checkpoint, save_checkpoint
+from jfusion.workflow.checkpoint import load_checkpoint, save_checkpoint
 from jfusion.models import CNN, cnn_spec
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import jfusion
-from jfusion.checkpoint import load_checkpoint, save_checkpoint
-from jfusion.cli import main, split_indices
-from jfusion.data import batches, load_dataset
+from jfusion.workflow.checkpoint import load_checkpoint, save_checkpoint
+from jfusion.workflow.cli import main, split_indices
+from jfusion.workflow.data import batches, load_dataset
 from jfusion.models import MLP, describe, from_metadata
-from jfusion.train import evaluate
+from jfusion.workflow.train import evaluate
 
 FEATURES = ["16", "16", "10"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jfusion.data import (
+from jfusion.workflow.data import (
     FASHION_MNIST_FILES,
     SYSTEM_DATA_DIRS,
     CorruptDatasetError,
@@ -18,7 +18,7 @@ from jfusion.data import (
     read_idx,
     special_class_split,
 )
-from jfusion.errors import JFusionError
+from jfusion.core.errors import JFusionError
 
 DEBIAN_FASHION_MNIST = Path(SYSTEM_DATA_DIRS[0]) / "fashion-mnist"
 

@@ -2,7 +2,7 @@
 
 import jax
 
-from jfusion.demo import FUSION_METHODS, DemoRow, format_table, run_demo
+from jfusion.workflow.demo import FUSION_METHODS, DemoRow, format_table, run_demo
 
 
 def test_demo_runs_end_to_end_and_tabulates_every_method():

@@ -9,7 +9,7 @@ from planted import duplicate_neurons, max_tree_difference, permutation_matrix
 
 import jfusion
 from jfusion.models import CNN, MLP, cnn_spec, mlp_spec
-from jfusion.tree import flatten
+from jfusion.core.tree import flatten
 
 MLPNET = MLP((400, 200, 100, 10))
 MLPNET_SPEC = mlp_spec(4)

@@ -8,7 +8,7 @@ import pytest
 
 import jfusion
 from jfusion.models import VGG, ResNet, ResNet18, ResNet20, resnet_spec, vgg_spec
-from jfusion.tree import flatten, unflatten
+from jfusion.core.tree import flatten, unflatten
 
 # name: (model, its spec builder call, one input image's shape). Specs are built in the
 # tests, so a builder that raises fails its own cases only.

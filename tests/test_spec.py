@@ -6,7 +6,7 @@ from flax import nnx
 
 import jfusion
 from jfusion.models import CNN, MLP, cnn_spec, mlp_spec
-from jfusion.tree import flatten
+from jfusion.core.tree import flatten
 
 
 def shapes_of(tree):

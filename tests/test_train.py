@@ -8,9 +8,9 @@ import optax
 import pytest
 
 import jfusion
-from jfusion.data import load_dataset, proportion_split
+from jfusion.workflow.data import load_dataset, proportion_split
 from jfusion.models import MLP
-from jfusion.train import evaluate, evaluate_models, finetune, init_models, train_models
+from jfusion.workflow.train import evaluate, evaluate_models, finetune, init_models, train_models
 
 # The demo's model, batch size and K: tests and demo share compiled programs in one run.
 MODEL = MLP((64, 64, 10))

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import flax.linen as nn
 import jax
 
-from jfusion.spec import Spec
+from jfusion.core.spec import Spec
 
 
 class CNN(nn.Module):

@@ -7,7 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from jfusion.spec import Spec
+from jfusion.core.spec import Spec
 
 
 class MLP(nn.Module):

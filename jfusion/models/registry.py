@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 
-from jfusion.errors import JFusionError
+from jfusion.core.errors import JFusionError
 from jfusion.models.cnn import CNN
 from jfusion.models.mlp import MLP
 from jfusion.models.resnet import ResNet, ResNet18, ResNet20

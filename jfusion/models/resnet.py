@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfusion.spec import Spec
+from jfusion.core.spec import Spec
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:

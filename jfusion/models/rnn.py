@@ -16,7 +16,7 @@ from typing import Literal, Sequence
 import flax.linen as nn
 import jax
 
-from jfusion.spec import Spec
+from jfusion.core.spec import Spec
 
 CellKind = Literal["simple", "lstm", "gru"]
 CELL_KINDS: tuple[str, ...] = ("simple", "lstm", "gru")

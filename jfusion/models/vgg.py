@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfusion.spec import Spec
+from jfusion.core.spec import Spec
 
 Layer = Union[int, str]
 

@@ -26,18 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.costs import GroundMetric
-from jfusion.errors import FusionInputError
-from jfusion.spec import Spec
-from jfusion.support import (
+from jfusion.core.costs import GroundMetric
+from jfusion.core.errors import FusionInputError
+from jfusion.core.spec import Spec
+from jfusion.core.support import (
     Activations,
     AlignmentMethod,
     activation_support,
     resolve_alignment,
     weight_support,
 )
-from jfusion.transport import group_map, transport_model
-from jfusion.tree import PyTree, flatten, unflatten
+from jfusion.core.transport import group_map, transport_model
+from jfusion.core.tree import PyTree, flatten, unflatten
 
 
 def _sq_distances(x: jax.Array, centers: jax.Array) -> jax.Array:

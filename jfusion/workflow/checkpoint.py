@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
 
-from jfusion.spec import Spec
+from jfusion.core.spec import Spec
 
 FORMAT = "jfusion-checkpoint"
 VERSION = 1

@@ -23,7 +23,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jfusion.spec import LeafSpec
+from jfusion.core.spec import LeafSpec
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.errors import FusionInputError
+from jfusion.core.errors import FusionInputError
 
 PyTree = Any
 

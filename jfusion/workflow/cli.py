@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jfusion.checkpoint import load_checkpoint, save_checkpoint
-from jfusion.data import (
+from jfusion.workflow.checkpoint import load_checkpoint, save_checkpoint
+from jfusion.workflow.data import (
     DATASETS,
     DatasetSplits,
     batches,
@@ -39,16 +39,16 @@ from jfusion.data import (
     proportion_split,
     special_class_split,
 )
-from jfusion.demo import run_demo
-from jfusion.errors import JFusionError
+from jfusion.workflow.demo import run_demo
+from jfusion.core.errors import JFusionError
 from jfusion.evaluate import TrainApply
-from jfusion.fuse import fuse
+from jfusion.methods.fuse import fuse
 from jfusion.models.registry import MODELS, build_model, describe, from_metadata, model_arguments
 from jfusion.models.rnn import CELL_KINDS
-from jfusion.solvers import Exact, Sinkhorn, Solver
-from jfusion.spec import Spec
-from jfusion.support import Activations, Weights
-from jfusion.train import evaluate, evaluate_models, takes_train, train_models
+from jfusion.core.solvers import Exact, Sinkhorn, Solver
+from jfusion.core.spec import Spec
+from jfusion.core.support import Activations, Weights
+from jfusion.workflow.train import evaluate, evaluate_models, takes_train, train_models
 
 # Model constructor arguments settable by flags of the same name (--num-classes ...).
 MODEL_FLAGS = ("num_classes", "width", "features", "conv_features", "dense_features", "hidden", "cell")

@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.align import PlanConfig, align_flat, align_problem, group_plans, prepare, warn_unconverged
-from jfusion.costs import GroundMetric
-from jfusion.errors import ConvergenceWarning, FusionInputError
+from jfusion.core.align import PlanConfig, align_flat, align_problem, group_plans, prepare, warn_unconverged
+from jfusion.core.costs import GroundMetric
+from jfusion.core.errors import ConvergenceWarning, FusionInputError
 from jfusion.evaluate import TrainApply, recalibrate_batch_stats
-from jfusion.solvers import Exact, OTResult, Solver
-from jfusion.spec import Spec
-from jfusion.support import AlignmentMethod
-from jfusion.prune import prune
-from jfusion.tree import ModelStack, PyTree, unflatten
+from jfusion.core.solvers import Exact, OTResult, Solver
+from jfusion.core.spec import Spec
+from jfusion.core.support import AlignmentMethod
+from jfusion.methods.prune import prune
+from jfusion.core.tree import ModelStack, PyTree, unflatten
 
 
 def model_weights(weights: jax.Array | Sequence[float] | None, num_models: int) -> jax.Array:

@@ -17,19 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.costs import GroundMetric
-from jfusion.errors import ConvergenceWarning, FusionInputError
-from jfusion.solvers import Exact, OTResult, Solver
-from jfusion.spec import Spec
-from jfusion.support import (
+from jfusion.core.costs import GroundMetric
+from jfusion.core.errors import ConvergenceWarning, FusionInputError
+from jfusion.core.solvers import Exact, OTResult, Solver
+from jfusion.core.spec import Spec
+from jfusion.core.support import (
     Activations,
     AlignmentMethod,
     activation_support,
     resolve_alignment,
     weight_support,
 )
-from jfusion.transport import GroupMap, group_map, transport_model
-from jfusion.tree import ModelStack, PyTree, first_difference, flatten, unflatten
+from jfusion.core.transport import GroupMap, group_map, transport_model
+from jfusion.core.tree import ModelStack, PyTree, first_difference, flatten, unflatten
 
 
 def _uniform(n: int) -> jax.Array:

@@ -7,9 +7,9 @@ from typing import Any, Callable, Literal, Sequence
 import jax
 import jax.numpy as jnp
 
-from jfusion.errors import FusionInputError
-from jfusion.fuse import model_weights, weighted_sum
-from jfusion.tree import ModelStack, PyTree, unflatten
+from jfusion.core.errors import FusionInputError
+from jfusion.methods.fuse import model_weights, weighted_sum
+from jfusion.core.tree import ModelStack, PyTree, unflatten
 
 
 def vanilla_average(

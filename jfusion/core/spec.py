@@ -32,7 +32,7 @@ import dataclasses
 import math
 from typing import Iterable, Mapping, Sequence, Union
 
-from jfusion.errors import SpecError
+from jfusion.core.errors import SpecError
 
 Dim = Union[str, int, None]
 Entry = Union[str, None, tuple]

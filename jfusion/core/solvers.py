@@ -18,7 +18,7 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
-from jfusion.errors import FusionInputError
+from jfusion.core.errors import FusionInputError
 
 
 class OTResult(NamedTuple):

@@ -8,7 +8,7 @@ fusion time are tabulated next to the parents and their prediction ensemble. Wit
 alignment, averaging independently initialised networks mixes unrelated neurons; OT fusion
 matches them first (Singh & Jaggi 2020).
 
-Run it with ``python -m jfusion.demo``.
+Run it with ``python -m jfusion.workflow.demo``.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from jfusion.baselines import ensemble_apply, vanilla_average
-from jfusion.data import load_dataset
-from jfusion.fuse import barycenter_fuse, fuse
-from jfusion.partial import partial_fuse
+from jfusion.methods.baselines import ensemble_apply, vanilla_average
+from jfusion.workflow.data import load_dataset
+from jfusion.methods.fuse import barycenter_fuse, fuse
+from jfusion.methods.partial import partial_fuse
 from jfusion.models import MLP, mlp_spec
-from jfusion.solvers import Exact, Sinkhorn
-from jfusion.spec import Spec
-from jfusion.support import Activations
-from jfusion.train import evaluate, train_models
-from jfusion.tree import PyTree
+from jfusion.core.solvers import Exact, Sinkhorn
+from jfusion.core.spec import Spec
+from jfusion.core.support import Activations
+from jfusion.workflow.train import evaluate, train_models
+from jfusion.core.tree import PyTree
 
 # ``method(module, models, spec, inputs) -> fused``: ``models`` are the parents' variables
 # stacked along a leading K axis, ``inputs`` a batch of training images (for activation

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jfusion.errors import JFusionError
+from jfusion.core.errors import JFusionError
 
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
 

@@ -19,9 +19,9 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from jfusion.errors import SpecError
-from jfusion.spec import Spec
-from jfusion.transport import GroupMap, transport_view
+from jfusion.core.errors import SpecError
+from jfusion.core.spec import Spec
+from jfusion.core.transport import GroupMap, transport_view
 
 
 @dataclasses.dataclass(frozen=True)

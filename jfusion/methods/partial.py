@@ -34,16 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfusion.align import prepare, solve_balanced
-from jfusion.costs import GroundMetric
-from jfusion.errors import FusionInputError
+from jfusion.core.align import prepare, solve_balanced
+from jfusion.core.costs import GroundMetric
+from jfusion.core.errors import FusionInputError
 from jfusion.evaluate import TrainApply
-from jfusion.fuse import fuse_problem, received_mass
-from jfusion.solvers import Exact, OTResult, Solver
-from jfusion.spec import Spec
-from jfusion.support import AlignmentMethod
-from jfusion.transport import permute_groups
-from jfusion.tree import PyTree, flatten, unflatten
+from jfusion.methods.fuse import fuse_problem, received_mass
+from jfusion.core.solvers import Exact, OTResult, Solver
+from jfusion.core.spec import Spec
+from jfusion.core.support import AlignmentMethod
+from jfusion.core.transport import permute_groups
+from jfusion.core.tree import PyTree, flatten, unflatten
 
 
 def isolated_count(alpha: float, width: int) -> int:

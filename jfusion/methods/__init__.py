@@ -1,0 +1,1 @@
+"""The fusion methods: each one plan producer on the shared engine plus its entry point."""
