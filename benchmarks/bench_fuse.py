@@ -13,7 +13,6 @@ and the largest difference between the two fused weights.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -68,7 +67,7 @@ def bench_one(arch, num_models, solver_name, repeats, threshold):
     model, spec, input_shape, names = ARCHITECTURES[arch]()
     stacked = random_models(model, input_shape, num_models)
     solver = jfusion.Exact() if solver_name == "exact" else jfusion.Sinkhorn(threshold=threshold)
-    fuse = jax.jit(functools.partial(jfusion.fuse, spec=spec, solver=solver))
+    fuse = jax.jit(lambda models: jfusion.fuse(models, spec, solver=solver).params)
     start = time.perf_counter()
     compiled = fuse.lower(stacked).compile()
     compile_s = time.perf_counter() - start

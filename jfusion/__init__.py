@@ -2,6 +2,8 @@
 
 A fusion is, for every neuron group, one transport plan per model plus a weight per fused
 neuron: supports (weights or activations) -> costs -> plans ``T_k`` -> transport -> combine.
+Every method is a plan producer (:class:`PlanProducer`) on that one engine, and every
+method returns a result with the fused ``params`` and the ``plans`` with their diagnostics.
 
 * OT fusion -- Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020:
   :func:`fuse`, :func:`align`.
@@ -9,32 +11,38 @@ neuron: supports (weights or activations) -> costs -> plans ``T_k`` -> transport
   :func:`barycenter_fuse`.
 * Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
   :func:`partial_fuse`, :func:`prune`.
-* Activation alignment: :class:`Activations` (``Activations.from_module(model)``).
+* Alignment by :class:`ByWeights` (default) or :class:`ByActivations`.
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, checked with :func:`check_spec`; :func:`permute` plants
-  random permutations.
+  random permutations. K models: :func:`stack_models`, :func:`unstack_models`.
 """
 
-from jfusion.core.align import Alignment, align
-from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.check import check_spec, permute
+from jfusion.core.align import Alignment, align
 from jfusion.core.costs import GroundMetric
 from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionError, SpecError
+from jfusion.core.plans import BalancedPlans, PlanProducer
+from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
+from jfusion.core.spec import LeafSpec, Spec
+from jfusion.core.support import ByActivations, ByWeights, ModuleActivations
+from jfusion.core.tree import stack_models, unstack_models
 from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
-from jfusion.methods.fuse import Barycenter, barycenter_fuse, fuse
+from jfusion.methods.barycenter import Barycenter, barycenter_fuse
+from jfusion.methods.baselines import ensemble_apply, vanilla_average
+from jfusion.methods.fuse import Fusion, fuse, fuse_with
 from jfusion.methods.partial import PartialFusion, partial_fuse
 from jfusion.methods.prune import prune
-from jfusion.core.solvers import Exact, OTResult, Sinkhorn
-from jfusion.core.spec import LeafSpec, Spec
-from jfusion.core.support import Activations, ModuleActivations, Weights
 
 __all__ = [
-    "Activations",
     "Alignment",
+    "BalancedPlans",
     "Barycenter",
+    "ByActivations",
+    "ByWeights",
     "ConvergenceWarning",
     "Exact",
+    "Fusion",
     "FusionInputError",
     "GroundMetric",
     "JFusionError",
@@ -42,19 +50,23 @@ __all__ = [
     "ModuleActivations",
     "OTResult",
     "PartialFusion",
+    "PlanProducer",
     "Sinkhorn",
+    "Solver",
     "Spec",
     "SpecError",
-    "Weights",
     "align",
     "barycenter_fuse",
     "check_spec",
     "ensemble_apply",
     "fuse",
+    "fuse_with",
     "loss_barrier",
     "partial_fuse",
     "permute",
     "prune",
     "recalibrate_batch_stats",
+    "stack_models",
+    "unstack_models",
     "vanilla_average",
 ]

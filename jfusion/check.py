@@ -48,6 +48,30 @@ def _scale(a: PyTree) -> float:
     return float(max((jnp.max(jnp.abs(jnp.asarray(x))) for x in jax.tree.leaves(a)), default=0.0))
 
 
+def perturb_constant_leaves(variables: PyTree, key: jax.Array) -> PyTree:
+    """Make every floating-point leaf whose entries are all equal vary (others are kept).
+
+    Freshly initialised variables hide mistakes: a zero bias or a BatchNorm mean of 0, a
+    variance or scale of 1 look the same under any permutation, so a wrong label on them
+    cannot change the outputs. Positive constants (variances, scales) are multiplied by
+    uniform factors in [0.5, 1.5], others get Gaussian noise of scale ``0.1 max(|c|, 1)``.
+    """
+    leaves, treedef = flatten(variables)
+    out = {}
+    for (path, x), k in zip(leaves.items(), jax.random.split(key, max(len(leaves), 1))):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.size < 2 or not bool(jnp.all(x == x.reshape(-1)[0])):
+            out[path] = x
+            continue
+        constant = x.reshape(-1)[0]
+        if bool(constant > 0):
+            noisy = x * jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5)
+        else:
+            noisy = x + 0.1 * jnp.maximum(jnp.abs(constant), 1.0) * jax.random.normal(k, x.shape)
+        out[path] = noisy.astype(x.dtype)
+    return unflatten(treedef, out)
+
+
 def check_spec(
     apply_fn: Callable[[PyTree, Any], Any],
     variables: PyTree,
@@ -61,8 +85,11 @@ def check_spec(
 
     Permutes all groups at once and compares ``apply_fn(variables, x)`` before and after
     (tolerance ``rtol`` times the outputs' largest magnitude). On a mismatch, each group is
-    permuted alone to name the groups -- and their leaves -- that break the function.
+    permuted alone to name the groups -- and their leaves -- that break the function. The
+    check runs on a copy of ``variables`` whose constant leaves were perturbed
+    (:func:`perturb_constant_leaves`), so it also sees through ``model.init`` output.
     """
+    variables = perturb_constant_leaves(variables, jax.random.fold_in(jax.random.key(seed), 1))
     reference = apply_fn(variables, x)
     tolerance = rtol * max(_scale(reference), 1.0)
     key = jax.random.key(seed)

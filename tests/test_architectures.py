@@ -26,14 +26,14 @@ def resnet18():
 
 @pytest.mark.parametrize(
     "alignment",
-    [jfusion.Weights(), jfusion.Activations.from_module(RESNET18, train=False)],
+    [jfusion.ByWeights(), jfusion.ByActivations.from_module(RESNET18, train=False)],
     ids=["weights", "activations"],
 )
 def test_planted_permutations_of_a_full_width_resnet18_with_batchnorm_are_recovered(resnet18, alignment):
     variables, x, reference = resnet18
     spec = RESNET18.spec()
     align = jax.jit(lambda models: jfusion.align(models, spec, alignment=alignment, inputs=x))
-    fuse = jax.jit(lambda models: jfusion.fuse(models, spec, alignment=alignment, inputs=x))
+    fuse = jax.jit(lambda models: jfusion.fuse(models, spec, alignment=alignment, inputs=x).params)
     for seed in range(10):
         permuted, perms = jfusion.permute(variables, spec, jax.random.key(100 + seed))
         stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), variables, permuted)
@@ -52,8 +52,8 @@ def test_vgg_with_batchnorm_is_recovered_by_weights_and_by_activations():
     variables = random_variables(model, (16, 16, 3), seed=3)
     x = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
     permuted, _ = jfusion.permute(variables, spec, jax.random.key(4))
-    for alignment in [jfusion.Weights(sweeps=2), jfusion.Activations.from_module(model, train=False)]:
-        fused = jfusion.fuse([variables, permuted], spec, target=1, alignment=alignment, inputs=x)
+    for alignment in [jfusion.ByWeights(sweeps=2), jfusion.ByActivations.from_module(model, train=False)]:
+        fused = jfusion.fuse([variables, permuted], spec, target=1, alignment=alignment, inputs=x).params
         np.testing.assert_allclose(
             model.apply(fused, x, train=False), model.apply(variables, x, train=False), atol=1e-4
         )
@@ -84,14 +84,14 @@ def test_activations_captured_at_named_modules_align_a_model_that_sows_nothing()
     variables = model.init(jax.random.key(0), jnp.ones((1, 5)))
     x = jax.random.normal(jax.random.key(1), (32, 5))
     permuted, perms = jfusion.permute(variables, spec, jax.random.key(2))
-    alignment = jfusion.Activations.from_module(model, points={"a": "first", "b": "second"})
+    alignment = jfusion.ByActivations.from_module(model, points={"a": "first", "b": "second"})
     result = jfusion.align([variables, permuted], spec, alignment=alignment, inputs=x)
     for group, perm in perms.items():
         np.testing.assert_array_equal(
             np.asarray(result.plans[group].plan[1]) * len(perm), permutation_matrix(perm).T
         )
     with pytest.raises(jfusion.SpecError, match=r"group 'a': no module 'missing' ran"):
-        bad = jfusion.Activations.from_module(model, points={"a": "missing", "b": "second"})
+        bad = jfusion.ByActivations.from_module(model, points={"a": "missing", "b": "second"})
         jfusion.align([variables, permuted], spec, alignment=bad, inputs=x)
 
 
@@ -128,13 +128,13 @@ def test_recalibration_after_fusing_batchnorm_networks_trained_on_digits_restore
     model = VGG(features=(16, "M", 32), batch_norm=True)
     spec = model.spec()
     parents = train_models(model, (data.train_images, data.train_labels), [0, 1], epochs=6, batch_size=32)
-    fused = jfusion.fuse(parents, spec)
+    fused = jfusion.fuse(parents, spec).params
 
     def train_apply(v, x):
         return model.apply(v, x, train=True, mutable=["batch_stats"])
 
     batches = jnp.asarray(data.train_images[: 8 * 64]).reshape(8, 64, 8, 8, 1)
-    recalibrated = jfusion.fuse(parents, spec, recalibrate=(train_apply, batches))
+    recalibrated = jfusion.recalibrate_batch_stats(train_apply, fused, batches)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), recalibrated["params"], fused["params"])))
     assert not np.allclose(recalibrated["batch_stats"]["BatchNorm_1"]["var"], fused["batch_stats"]["BatchNorm_1"]["var"])
 

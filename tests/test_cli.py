@@ -80,7 +80,7 @@ def test_fuse_writes_what_jfusion_fuse_computes(parents, tmp_path, flags, kwargs
     assert main(fuse_command(paths, tmp_path / "fused", *flags)) == 0
     fused, spec, metadata = load_checkpoint(tmp_path / "fused")
     loaded = [load_checkpoint(p) for p in paths]
-    expected = jfusion.fuse([variables for variables, _, _ in loaded], loaded[0][1], **kwargs)
+    expected = jfusion.fuse([variables for variables, _, _ in loaded], loaded[0][1], **kwargs).params
     assert_trees_equal(fused, expected)
     target = kwargs.get("target", 0)
     target_kernel = loaded[target][0]["params"]["Dense_1"]["kernel"]
@@ -102,8 +102,8 @@ def test_train_then_fuse_by_activations_and_evaluate(parents, tmp_path, capsys):
     module = from_metadata(metadata)
     data = load_dataset("digits")
     inputs = next(batches(data.train_images, data.train_labels, 100, seed=0))[0]
-    alignment = jfusion.Activations.from_module(module)
-    expected = jfusion.fuse([load_checkpoint(p)[0] for p in paths], spec, alignment=alignment, inputs=inputs)
+    alignment = jfusion.ByActivations.from_module(module)
+    expected = jfusion.fuse([load_checkpoint(p)[0] for p in paths], spec, alignment=alignment, inputs=inputs).params
     assert_trees_equal(fused, expected)
     accuracy = evaluate(module, fused, data.test_images, data.test_labels)
     assert metadata["fusion"]["test_accuracy"] == accuracy
@@ -127,7 +127,7 @@ def test_train_and_fuse_recurrent_models_with_two_sweeps(tmp_path):
     assert variables["params"]["Recurrent_0"]["hr"]["kernel"].shape == (12, 12)  # digits: 8 rows of 8 pixels
     assert main(fuse_command(paths, tmp_path / "fused", "--sweeps", "2")) == 0
     fused, _, metadata = load_checkpoint(tmp_path / "fused")
-    expected = jfusion.fuse([load_checkpoint(p)[0] for p in paths], spec, alignment=jfusion.Weights(sweeps=2))
+    expected = jfusion.fuse([load_checkpoint(p)[0] for p in paths], spec, alignment=jfusion.ByWeights(sweeps=2)).params
     assert_trees_equal(fused, expected)
     assert metadata["fusion"]["sweeps"] == 2
 

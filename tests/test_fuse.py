@@ -42,7 +42,7 @@ def test_planted_permutations_are_recovered_for_20_seeds(model, spec, shape):
             # Permuted neuron q is original neuron perm[q]: the plan must send it exactly there.
             plan = np.asarray(result.plans[group].plan[1]) * len(perm)
             np.testing.assert_array_equal(plan, permutation_matrix(np.asarray(perm)).T)
-        fused = jfusion.fuse(stacked, spec)
+        fused = jfusion.fuse(stacked, spec).params
         np.testing.assert_allclose(model.apply(fused, x), reference, atol=1e-5, rtol=1e-5)
 
 
@@ -63,17 +63,17 @@ def test_duplicated_neurons_fused_into_the_original_widths_give_the_original(mod
     assert all(w % 2 == 0 for w in widths.values())
 
     # One model (the doubled one) fused into the original architecture.
-    compressed = jfusion.fuse([doubled], spec, target=original)
+    compressed = jfusion.fuse([doubled], spec, target=original).params
     assert max_tree_difference(compressed, original) <= 1e-5
     # Two models of different widths fused together (an unrolled, not vmapped, alignment).
-    fused = jfusion.fuse([original, doubled], spec, target=0, weights=[0.3, 0.7])
+    fused = jfusion.fuse([original, doubled], spec, target=0, model_weights=[0.3, 0.7]).params
     assert max_tree_difference(fused, original) <= 1e-5
     # By activations, each model through a module of its own widths.
-    by_activations = jfusion.Activations.from_module(model, modules=(model, wide_model))
-    fused = jfusion.fuse([original, doubled], spec, target=0, alignment=by_activations, inputs=x)
+    by_activations = jfusion.ByActivations.from_module(model, modules=(model, wide_model))
+    fused = jfusion.fuse([original, doubled], spec, target=0, alignment=by_activations, inputs=x).params
     assert max_tree_difference(fused, original) <= 1e-5
     # The other direction: the original fused into the doubled architecture keeps its function.
-    expanded = jfusion.fuse([original], spec, target=doubled)
+    expanded = jfusion.fuse([original], spec, target=doubled).params
     np.testing.assert_allclose(wide_model.apply(expanded, x), model.apply(original, x), atol=1e-4)
 
 
@@ -84,37 +84,23 @@ def test_k_permuted_copies_with_model_weights_fuse_back_to_the_network(num_model
     copies = [jfusion.permute(original, spec, jax.random.key(k))[0] for k in range(num_models)]
     weights = np.random.default_rng(num_models).uniform(0.1, 1.0, num_models)
     x = jax.random.normal(jax.random.key(1), (8, 12))
-    fused = jfusion.fuse(copies, spec, weights=weights, target=num_models - 1)
+    fused = jfusion.fuse(copies, spec, model_weights=weights, target=num_models - 1).params
     np.testing.assert_allclose(model.apply(fused, x), model.apply(original, x), atol=1e-5)
-
-
-@pytest.mark.parametrize("num_models", [2, 4, 8])
-def test_stacked_and_list_inputs_give_the_same_fusion(num_models):
-    model, spec = MLP((24, 16, 5)), mlp_spec(3)
-    models = [init(model, k, (12,)) for k in range(num_models)]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *models)
-    weights = jnp.linspace(1.0, 2.0, num_models)
-    from_list = jfusion.fuse(models, spec, weights=weights, target=1)
-    from_stack = jfusion.fuse(stacked, spec, weights=weights, target=1)
-    assert max_tree_difference(from_list, from_stack) <= 1e-6
-    aligned = jfusion.align(models, spec, target=1).aligned
-    assert isinstance(aligned, list) and len(aligned) == num_models
-    assert jfusion.align(stacked, spec, target=1).plans["h0"].plan.shape == (num_models, 24, 24)
 
 
 def test_model_weights_enter_linearly_and_a_one_hot_weight_returns_that_model_aligned():
     model, spec = MLP((24, 16, 5)), mlp_spec(3)
     a, b = init(model, 1, (12,)), init(model, 2, (12,))
     x = jax.random.normal(jax.random.key(1), (8, 12))
-    only_a = jfusion.fuse([a, b], spec, weights=[1.0, 0.0], target=1)
-    only_b = jfusion.fuse([a, b], spec, weights=[0.0, 1.0], target=1)
+    only_a = jfusion.fuse([a, b], spec, model_weights=[1.0, 0.0], target=1).params
+    only_b = jfusion.fuse([a, b], spec, model_weights=[0.0, 1.0], target=1).params
     # Weight on A alone gives A permuted into B's order: A's function, not B's weights.
     np.testing.assert_allclose(model.apply(only_a, x), model.apply(a, x), atol=1e-5)
     assert max_tree_difference(only_b, b) == 0.0
-    mixed = jfusion.fuse([a, b], spec, weights=[0.25, 0.75], target=1)
+    mixed = jfusion.fuse([a, b], spec, model_weights=[0.25, 0.75], target=1).params
     expected = jax.tree.map(lambda p, q: 0.25 * p + 0.75 * q, only_a, only_b)
     assert max_tree_difference(mixed, expected) <= 1e-6
-    assert max_tree_difference(jfusion.fuse([a, b], spec, weights=[2.0, 6.0], target=1), mixed) <= 1e-6
+    assert max_tree_difference(jfusion.fuse([a, b], spec, model_weights=[2.0, 6.0], target=1).params, mixed) <= 1e-6
 
 
 def test_sinkhorn_with_small_epsilon_agrees_with_exact_on_well_separated_neurons():
@@ -124,8 +110,8 @@ def test_sinkhorn_with_small_epsilon_agrees_with_exact_on_well_separated_neurons
     noisy = jax.tree.map(
         lambda x: x + 0.01 * jax.random.normal(jax.random.key(4), x.shape), permuted
     )
-    exact = jfusion.fuse([original, noisy], spec, solver=jfusion.Exact())
-    sinkhorn = jfusion.fuse([original, noisy], spec, solver=jfusion.Sinkhorn(epsilon=1e-3))
+    exact = jfusion.fuse([original, noisy], spec, solver=jfusion.Exact()).params
+    sinkhorn = jfusion.fuse([original, noisy], spec, solver=jfusion.Sinkhorn(epsilon=1e-3)).params
     assert max_tree_difference(exact, sinkhorn) <= 1e-4
     plans = jfusion.align([original, noisy], spec, solver=jfusion.Sinkhorn(epsilon=1e-3)).plans
     assert bool(jnp.all(plans["h1"].converged))
@@ -147,7 +133,7 @@ def test_sinkhorn_that_hits_its_iteration_cap_warns():
     models = [init(model, k, (20,)) for k in range(2)]
     solver = jfusion.Sinkhorn(epsilon=1e-4, max_iterations=10)
     with pytest.warns(jfusion.ConvergenceWarning, match=r"group 'h0'.*did not converge for models \[1\].*10 iterations"):
-        jfusion.fuse(models, spec, solver=solver)
+        jfusion.fuse(models, spec, solver=solver).params
     # Under jit nothing can warn: the flags come back with the plans instead.
     plans = jax.jit(lambda ms: jfusion.align(ms, spec, solver=solver).plans)(models)
     assert not bool(plans["h0"].converged[1]) and int(plans["h0"].iterations[1]) == 10
@@ -157,8 +143,8 @@ def test_outgoing_weights_and_sweeps_still_recover_a_planted_permutation():
     model, spec = MLP((24, 16, 5)), mlp_spec(3)
     original = init(model, 0, (12,))
     permuted, _ = jfusion.permute(original, spec, jax.random.key(9))
-    for alignment in [jfusion.Weights(outgoing=True), jfusion.Weights(outgoing=True, sweeps=3)]:
-        fused = jfusion.fuse([original, permuted], spec, alignment=alignment)
+    for alignment in [jfusion.ByWeights(outgoing=True), jfusion.ByWeights(outgoing=True, sweeps=3)]:
+        fused = jfusion.fuse([original, permuted], spec, alignment=alignment).params
         assert max_tree_difference(fused, original) <= 1e-5
 
 
@@ -174,7 +160,7 @@ def test_every_ground_metric_recovers_a_planted_permutation(metric):
     model, spec = MLP((24, 16, 5)), mlp_spec(3)
     original = init(model, 0, (12,))
     permuted, _ = jfusion.permute(original, spec, jax.random.key(9))
-    fused = jfusion.fuse([original, permuted], spec, metric=metric)
+    fused = jfusion.fuse([original, permuted], spec, metric=metric).params
     assert max_tree_difference(fused, original) <= 1e-5
 
 
@@ -195,7 +181,7 @@ def test_ground_metrics_match_numpy():
 def test_vanilla_average_and_ensemble():
     model = MLP((8, 3))
     a, b = init(model, 1, (5,)), init(model, 2, (5,))
-    avg = jfusion.vanilla_average([a, b], weights=[1.0, 3.0])
+    avg = jfusion.vanilla_average([a, b], model_weights=[1.0, 3.0]).params
     assert max_tree_difference(avg, jax.tree.map(lambda p, q: 0.25 * p + 0.75 * q, a, b)) <= 1e-7
     x = jax.random.normal(jax.random.key(0), (4, 5))
     logits = jfusion.ensemble_apply(model.apply, [a, b], x)
@@ -203,4 +189,4 @@ def test_vanilla_average_and_ensemble():
     probs = jnp.exp(jfusion.ensemble_apply(model.apply, [a, b], x, average="probabilities"))
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
     with pytest.raises(jfusion.FusionInputError, match=r"params/Dense_0/bias is \(8,\) in model 0 but \(6,\) in model 1"):
-        jfusion.vanilla_average([a, init(MLP((6, 3)), 0, (5,))])
+        jfusion.vanilla_average([a, init(MLP((6, 3)), 0, (5,))]).params

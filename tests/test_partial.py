@@ -31,8 +31,8 @@ X = jax.random.normal(jax.random.key(9), (12, 7))
 def test_alpha_zero_is_ot_fusion_exactly(num_models, solver):
     models = random_models(num_models)
     weights = np.linspace(1.0, 2.0, num_models)
-    partial = jfusion.partial_fuse(models, SPEC, 0.0, solver=solver, weights=weights)
-    fused = jfusion.fuse(models, SPEC, solver=solver, weights=weights, target=-1)
+    partial = jfusion.partial_fuse(models, SPEC, 0.0, solver=solver, model_weights=weights)
+    fused = jfusion.fuse(models, SPEC, solver=solver, model_weights=weights).params
     assert max_tree_difference(partial.params, fused) == 0.0
     assert all(bool(jnp.all(o == -1)) for o in partial.owners.values())
 
@@ -41,8 +41,8 @@ def test_alpha_zero_is_ot_fusion_exactly(num_models, solver):
 def test_alpha_one_is_the_logit_averaging_ensemble(num_models):
     models = random_models(num_models)
     weights = np.linspace(1.0, 2.0, num_models)
-    partial = jfusion.partial_fuse(models, SPEC, 1.0, weights=weights)
-    ensemble = jfusion.ensemble_apply(mlp().apply, models, X, weights=weights)
+    partial = jfusion.partial_fuse(models, SPEC, 1.0, model_weights=weights)
+    ensemble = jfusion.ensemble_apply(mlp().apply, models, X, model_weights=weights)
     np.testing.assert_allclose(mlp(num_models * WIDTH).apply(partial.params, X), ensemble, atol=1e-5)
     for owners in partial.owners.values():  # block by block: model 0, model 1, ...
         np.testing.assert_array_equal(owners, np.repeat(np.arange(num_models), WIDTH))
@@ -74,7 +74,7 @@ def test_parameter_counts_match_the_layout_formula_for_two_models(alpha):
 
 def test_three_models_share_the_target_neurons_and_isolate_their_own():
     alpha = 0.5
-    partial = jfusion.partial_fuse(random_models(3), SPEC, alpha)
+    partial = jfusion.partial_fuse(random_models(3), SPEC, alpha, target=2)
     isolated = round(alpha * WIDTH)
     for owners in partial.owners.values():
         owners = np.asarray(owners)

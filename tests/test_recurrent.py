@@ -39,13 +39,13 @@ def test_planted_permutations_are_recovered_by_weights_and_by_activations(cell):
     model, _ = model_and_variables(cell, 0)
     spec = model.spec()
     methods = {
-        "weights": jfusion.Weights(),
-        "weights, 2 sweeps": jfusion.Weights(sweeps=2),
-        "activations": jfusion.Activations.from_module(model),
+        "weights": jfusion.ByWeights(),
+        "weights, 2 sweeps": jfusion.ByWeights(sweeps=2),
+        "activations": jfusion.ByActivations.from_module(model),
     }
     # Compiled once per method, run on every seed.
     fusions = {
-        name: jax.jit(lambda a, b, alignment=alignment: jfusion.fuse([a, b], spec, alignment=alignment, inputs=X))
+        name: jax.jit(lambda a, b, alignment=alignment: jfusion.fuse([a, b], spec, alignment=alignment, inputs=X).params)
         for name, alignment in methods.items()
     }
     apply = jax.jit(model.apply)
@@ -65,12 +65,12 @@ def test_duplicated_hidden_units_fuse_back_into_the_original_widths(cell):
     spec = model.spec()
     doubled = duplicate_neurons(original, spec, jax.random.key(5))
     np.testing.assert_allclose(wide.apply(doubled, X), model.apply(original, X), atol=1e-5)
-    for alignment in (jfusion.Weights(sweeps=2), jfusion.Activations.from_module(wide, target_module=model)):
+    for alignment in (jfusion.ByWeights(sweeps=2), jfusion.ByActivations.from_module(wide, target_module=model)):
         # The wide model fused into the original's widths: each pair of copies merges back.
-        compressed = jfusion.fuse([doubled], spec, alignment=alignment, inputs=X, target=original)
+        compressed = jfusion.fuse([doubled], spec, alignment=alignment, inputs=X, target=original).params
         assert max_tree_difference(compressed, original) < 1e-5
     # Two models of different widths together.
-    fused = jfusion.fuse([original, doubled], spec, alignment=jfusion.Weights(sweeps=2), weights=[0.3, 0.7])
+    fused = jfusion.fuse([original, doubled], spec, alignment=jfusion.ByWeights(sweeps=2), model_weights=[0.3, 0.7]).params
     assert max_tree_difference(fused, original) < 1e-5
 
 
@@ -79,7 +79,7 @@ def test_k_permuted_copies_of_an_lstm_fuse_back_with_model_weights():
     spec = model.spec()
     copies = [original] + [jfusion.permute(original, spec, jax.random.key(k))[0] for k in range(1, 4)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *copies)
-    fused = jax.jit(lambda m: jfusion.fuse(m, spec, alignment=jfusion.Weights(sweeps=2), weights=[4, 3, 2, 1]))(stacked)
+    fused = jax.jit(lambda m: jfusion.fuse(m, spec, alignment=jfusion.ByWeights(sweeps=2), model_weights=[4, 3, 2, 1]).params)(stacked)
     assert max_tree_difference(fused, original) < 1e-5
 
 

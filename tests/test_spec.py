@@ -27,7 +27,7 @@ def test_groups_are_in_topological_order_whatever_the_dict_order():
 
 
 def test_view_dims_output_and_input_groups():
-    leaf = jfusion.Spec({"k": ((49, "c"), "f"), "c": (None, "c"), "f": ("f",)})["k"]
+    leaf = jfusion.Spec({"k": ((49, "c"), "f"), "c": (None, "c"), "f": ("f",), "out": ("f", None)})["k"]
     assert leaf.dims == (49, "c", "f")
     assert leaf.output_group == "f" and leaf.input_groups == ("c",)
     assert leaf.view_shape((49 * 8, 16), {"c": 8, "f": 16}) == (49, 8, 16)
@@ -63,9 +63,9 @@ def test_unlabelled_leaf_is_an_error_that_says_how_to_declare_it():
 
 
 def test_wrong_axis_count_names_path_and_shapes():
-    spec = jfusion.Spec({"params/w": (None, "h"), "params/b": ("h",)})
+    spec = jfusion.Spec({"params/w": (None, "h"), "params/b": ("h",), "params/out": ("h", None)})
     with pytest.raises(jfusion.SpecError, match=r"params/w has 3 axes \(shape \(2, 3, 4\)\).*labels 2"):
-        spec.validate({"params/w": (2, 3, 4), "params/b": (4,)})
+        spec.validate({"params/w": (2, 3, 4), "params/b": (4,), "params/out": (4, 2)})
 
 
 def test_one_group_with_two_sizes_names_both_leaves_axes_and_sizes():
@@ -86,6 +86,28 @@ def test_malformed_specs_are_rejected_when_built():
         jfusion.Spec({"a": ("g", "h"), "b": ("h", "g")})
     with pytest.raises(jfusion.SpecError, match="more than one inferred"):
         jfusion.Spec({"a": ((None, None), "h")})
+
+
+def test_a_group_nothing_reads_is_rejected_and_named():
+    # A typo on a bias: "h0" is written by the kernel, "hO" by the bias alone.
+    axes = {**mlp_spec(2).as_dict(), "params/Dense_0/bias": ("hO",)}
+    with pytest.raises(jfusion.SpecError, match=r"group 'hO' is written by \['params/Dense_0/bias'\] but no leaf reads it"):
+        jfusion.Spec(axes)
+
+
+@pytest.mark.parametrize("axes", ["h0", None, 3])
+def test_axes_that_are_not_a_tuple_are_rejected_with_the_fix(axes):
+    with pytest.raises(jfusion.SpecError, match=r"params/Dense_0/bias: axes must be a tuple"):
+        jfusion.Spec({**mlp_spec(2).as_dict(), "params/Dense_0/bias": axes})
+
+
+def test_groups_and_lookups_are_computed_once():
+    from jfusion.models import ResNet18
+
+    spec = ResNet18().spec()
+    assert spec.groups is spec.groups  # a stored tuple, not recomputed per access
+    assert spec["params/stem_conv/kernel"] is spec.leaves[spec.paths.index("params/stem_conv/kernel")]
+    assert "groups in order" in repr(spec) and "params/stem_conv/kernel" in repr(spec)
 
 
 def test_spec_is_hashable_and_equal_by_value():
@@ -114,7 +136,7 @@ def test_nnx_state_paths_validate_permute_and_fuse():
     x = jax.random.normal(jax.random.key(1), (8, 6))
     jfusion.check_spec(apply, state, spec, x)
     permuted, _ = jfusion.permute(state, spec, jax.random.key(2))
-    fused = jfusion.fuse([state, permuted], spec)
+    fused = jfusion.fuse([state, permuted], spec).params
     assert type(fused) is type(state)
     np.testing.assert_allclose(apply(fused, x), apply(state, x), atol=1e-5)
 

@@ -86,7 +86,7 @@ def test_seeds_set_initialisation_and_batch_order(digits):
 
 def test_finetuning_repairs_a_vanilla_average(trained, digits):
     variables, subsets, _ = trained
-    averaged = jfusion.vanilla_average([model_k(variables, 0), model_k(variables, 1)])
+    averaged = jfusion.vanilla_average([model_k(variables, 0), model_k(variables, 1)]).params
     before = evaluate(MODEL, averaged, digits.test_images, digits.test_labels)
     tuned = finetune(MODEL, averaged, digits.train_images, digits.train_labels, epochs=3, seed=0, batch_size=BATCH)
     after = evaluate(MODEL, tuned, digits.test_images, digits.test_labels)

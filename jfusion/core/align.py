@@ -1,15 +1,27 @@
-"""Group-by-group plans: align one model's neurons onto a target's.
+"""The engine: the one path every method runs through.
 
-For every group in topological order (OTFusion Algorithm 1): build the model's and the
-target's supports, compute the ground cost, and solve OT between uniform measures
-``a = 1/n_k`` and ``b = 1/m``. With weight alignment, each group's support sees the plans of
-the groups feeding it (past correction).
+``params_k + Spec -> supports -> costs -> plans -> transport -> combine``. For every group in
+topological order (OTFusion Algorithm 1) and every sweep, the engine builds the reference's
+support and each model's (incoming weights after the already-solved groups are transported
+into the fused basis, or activations), and asks the method's plan producer
+(:class:`jfusion.core.plans.PlanProducer`) for the plans. Every model is then transported by
+its plans and the K aligned models are combined slot by slot.
+
+The *reference* is the model aligned onto (``target=k``), or a pytree of another
+architecture (``target=params``: fusing into other widths; barycenter fusion's estimate).
+Models of equal widths are stacked on a leading K axis and aligned under one ``vmap`` (the
+reference model is left out: its plans are the producer's own); models of other widths are
+unrolled in the same program. Either way the aligned models come out stacked on K (they have
+the fused model's shapes), so combine has one input form. Everything static -- the Spec, the
+producer, the alignment, every model's widths -- is validated once in :func:`prepare` and
+passed to ``jit`` as one hashable :class:`EngineConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -17,13 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfusion.core.costs import GroundMetric
-from jfusion.core.errors import ConvergenceWarning, FusionInputError
-from jfusion.core.solvers import Exact, OTResult, Solver
+from jfusion.core.combine import combine, model_weights, slot_weights
+from jfusion.core.costs import GroundMetric, resolve_metric
+from jfusion.core.errors import ConvergenceWarning, FusionInputError, SpecError
+from jfusion.core.plans import BalancedPlans, PlanProducer, identity_result
+from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import (
-    Activations,
     AlignmentMethod,
+    ByActivations,
     activation_support,
     resolve_alignment,
     weight_support,
@@ -31,144 +45,73 @@ from jfusion.core.support import (
 from jfusion.core.transport import GroupMap, group_map, transport_model
 from jfusion.core.tree import ModelStack, PyTree, first_difference, flatten, unflatten
 
-
-def _uniform(n: int) -> jax.Array:
-    return jnp.full((n,), 1.0 / n, jnp.float32)
-
-
-def _identity_result(n: int) -> OTResult:
-    return OTResult(
-        jnp.eye(n, dtype=jnp.float32) / n,
-        jnp.zeros((), jnp.float32),
-        jnp.ones((), bool),
-        jnp.zeros((), jnp.int32),
-    )
-
-
-def solve_balanced(solver: Solver, group: str, cost: jax.Array) -> OTResult:
-    """OT between uniform measures on the cost's rows and columns."""
-    n, m = cost.shape
-    try:
-        return solver(cost, _uniform(n), _uniform(m))
-    except FusionInputError as err:
-        raise FusionInputError(f"group {group!r}: {err}") from None
+Widths = tuple[tuple[str, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class OTPlans:
-    """OT fusion's plans: each model's neurons onto the target's, balanced (OTFusion).
-
-    A *plan producer* decides what a group's plan is given the cost between a model's and the
-    target's neurons; transport and combine are shared by every method. Producers are
-    frozen dataclasses (static under ``jit``) with two methods:
-
-    * ``solve(solver, group, cost, position) -> OTResult``: the plan ``(n_k, m_out)`` of the
-      model at ``position`` among the aligned models (a traced int under ``vmap``);
-    * ``target_result(group, width) -> OTResult | None``: the plan ``(m, m_out)`` of the
-      model the target was taken from, None when it is the identity;
-    * ``coverage(group, received) -> (K, m_out)``: from the mass ``received (K, m_out)`` each
-      model's plan sends to each slot, the share of the slot each model fills; combine
-      weights model k in slot q by ``w_k coverage_k[q]``.
-    """
-
-    def solve(self, solver: Solver, group: str, cost: jax.Array, position: Any) -> OTResult:
-        return solve_balanced(solver, group, cost)
-
-    def target_result(self, group: str, width: int) -> OTResult | None:
-        return None
-
-    def coverage(self, group: str, received: jax.Array) -> jax.Array:
-        # Balanced plans fill every slot of every model: plain model weights.
-        return jnp.ones_like(received)
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanConfig:
-    """Everything static about how plans are found (hashable: a ``jit`` static argument)."""
-
-    spec: Spec
-    solver: Solver
-    alignment: AlignmentMethod
-    metric: GroundMetric
-    plans: Any = OTPlans()
-
-
-def solve_model_plans(
-    config: PlanConfig,
-    leaves: Mapping[str, jax.Array],
-    widths: Mapping[str, int],
-    target_leaves: Mapping[str, jax.Array],
-    target_widths: Mapping[str, int],
-    activations: Mapping[str, jax.Array] | None = None,
-    target_activations: Mapping[str, jax.Array] | None = None,
-    position: Any = 0,
-    target_maps: Mapping[str, GroupMap] | None = None,
-) -> tuple[dict[str, OTResult], dict[str, GroupMap]]:
-    """Plans sending one model's groups onto the target's, and the maps they induce.
-
-    ``target_maps`` carries the target into the output layout when that is wider than the
-    target (partial fusion), so both supports are read in one basis.
-    """
-    spec = config.spec
-    results: dict[str, OTResult] = {}
-    maps: dict[str, GroupMap] = {}
-    by_weights = not isinstance(config.alignment, Activations)
-    sweeps = config.alignment.sweeps if by_weights else 1
-    for _ in range(sweeps):
-        for group in spec.groups:
-            if by_weights:
-                # Plans from this sweep, or the previous one for groups not yet redone.
-                solved, outgoing = set(maps), config.alignment.outgoing
-                x = weight_support(leaves, spec, group, widths, maps, solved, outgoing)
-                y = weight_support(
-                    target_leaves, spec, group, target_widths, target_maps or {}, solved, outgoing
-                )
-            else:
-                x = activation_support(activations, group, widths[group])
-                y = activation_support(target_activations, group, target_widths[group])
-            results[group] = config.plans.solve(config.solver, group, config.metric(x, y), position)
-            maps[group] = group_map(results[group].plan)
-    return results, maps
-
-
-def _target_alignment(config, leaves, widths):
-    """The target model's own plans (the identity unless the layout is wider) and leaves."""
-    results, maps = {}, {}
-    for group in config.spec.groups:
-        result = config.plans.target_result(group, widths[group])
-        if result is None:
-            results[group] = _identity_result(widths[group])
-        else:
-            results[group], maps[group] = result, group_map(result.plan)
-    aligned = transport_model(leaves, config.spec.leaves, maps, widths)
-    return aligned, results, maps
-
-
-class Alignment(NamedTuple):
-    """Result of :func:`align`.
+class EngineConfig:
+    """Everything static about one alignment (hashable: the ``jit`` static argument).
 
     Attributes:
-      aligned: every model transported onto the target's neurons, in the target's widths
-        and tree structure: one pytree stacked along a leading K axis when the models were
-        given stacked, else a list of K pytrees.
-      plans: ``{group: OTResult}``; each field has a leading K axis when the models share
-        their widths, else it is a tuple of K per-model results.
+      spec: the layer topology.
+      alignment: how supports are built (:class:`jfusion.ByWeights`, :class:`jfusion.ByActivations`).
+      producer: the method's plan producer.
+      model_widths: every model's group widths.
+      reference: the index of the model aligned onto, or None for a reference pytree.
+      reference_widths: the reference's group widths.
+      dtypes: the fused leaves' dtypes (the reference's), in the reference's leaf order.
+      treedef: the models' tree structure; reference_treedef: the reference's.
+      vectorized: the models are stacked on a leading K axis and aligned under ``vmap``.
     """
 
-    aligned: PyTree
-    plans: dict[str, OTResult]
+    spec: Spec
+    alignment: AlignmentMethod
+    producer: PlanProducer
+    model_widths: tuple[Widths, ...]
+    reference: int | None
+    reference_widths: Widths
+    dtypes: tuple[tuple[str, Any], ...]
+    treedef: Any
+    reference_treedef: Any
+    vectorized: bool
+
+    @property
+    def num_models(self) -> int:
+        return len(self.model_widths)
+
+    @property
+    def output_widths(self) -> dict[str, int]:
+        return {g: self.producer.output_width(g, m) for g, m in self.reference_widths}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Problem:
-    """Validated inputs of an alignment: the jitted core's static and array arguments."""
+class Problem(NamedTuple):
+    """A validated alignment: the static config and the arrays the jitted program takes."""
 
-    config: PlanConfig
-    models: ModelStack
-    target_index: int | None
-    target_leaves: dict[str, jax.Array] | None
-    target_treedef: Any
+    config: EngineConfig
+    models: dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
+    reference: dict[str, jax.Array] | None
     inputs: jax.Array | None
+
+    def with_producer(self, producer: PlanProducer) -> "Problem":
+        """The same problem for a producer that depends on the widths :func:`prepare` read."""
+        return self._replace(config=dataclasses.replace(self.config, producer=producer))
+
+
+class EngineOutput(NamedTuple):
+    """What the engine computes before combining.
+
+    Attributes:
+      aligned: ``{path: (K, ...)}``: every model transported into the fused layout.
+      received: ``{group: (K, m)}``: the mass each model's plan sends to each fused slot.
+      plans: ``{group: OTResult}``, every field with a leading K axis; for models of
+        different widths the ``plan`` field is a tuple of K arrays of their own shapes.
+      reference: the reference's leaves (what a non-float leaf keeps).
+    """
+
+    aligned: dict[str, jax.Array]
+    received: dict[str, jax.Array]
+    plans: dict[str, OTResult]
+    reference: dict[str, jax.Array]
 
 
 def _is_concrete(x: Any) -> bool:
@@ -184,8 +127,10 @@ def _check_finite(leaves: Mapping[str, Any], what: str, model_axis: bool = False
     }
     if not checked:
         return
-    # One reduction per leaf on the device and one transfer; details only for a bad leaf.
-    finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked.values()]))
+    # One reduction per leaf on the device and one transfer; details only for a bad leaf. Eager
+    # even inside a trace (concrete leaves closed over by a jitted function).
+    with jax.ensure_compile_time_eval():
+        finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked.values()]))
     for (path, x), ok in zip(checked.items(), finite):
         if not ok:
             index = np.argwhere(~np.isfinite(np.asarray(x)))[0].tolist()
@@ -196,21 +141,53 @@ def _check_finite(leaves: Mapping[str, Any], what: str, model_axis: bool = False
             )
 
 
+def check_target(target: Any, num: int) -> int | None:
+    """The reference model's index, or None when ``target`` is a pytree."""
+    if isinstance(target, jax.core.Tracer):
+        raise FusionInputError(
+            "target must be a Python int or a params pytree, not a traced value: the model "
+            "aligned onto decides the program's shapes, so make it static (static_argnames)"
+        )
+    if isinstance(target, (bool, np.bool_)) or isinstance(target, (float, np.floating)):
+        raise FusionInputError(f"target must be a model index (an int) or a params pytree, not {target!r}")
+    if isinstance(target, (int, np.integer)) or (isinstance(target, (np.ndarray, jax.Array)) and np.ndim(target) == 0):
+        if not np.issubdtype(np.asarray(target).dtype, np.integer):
+            raise FusionInputError(f"target must be a model index (an int) or a params pytree, not {target!r}")
+        if not -num <= int(target) < num:
+            raise FusionInputError(f"target={int(target)} is not a model index for K={num} models")
+        return int(target) % num
+    return None
+
+
+def _as_spec(spec: Any) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, Mapping):
+        return Spec(spec)
+    raise TypeError(f"spec must be a jfusion.Spec or a dict {{path: axes}}, not {type(spec).__name__}")
+
+
 def prepare(
     params_list: PyTree | Sequence[PyTree],
-    spec: Spec,
-    solver: Solver,
-    alignment: str | AlignmentMethod,
-    metric: GroundMetric,
-    target: int | PyTree,
-    inputs: jax.Array | None,
-    plans: Any = OTPlans(),
-) -> _Problem:
-    """Validate everything that can be checked before tracing; raise named errors."""
-    if not isinstance(spec, Spec):
-        raise TypeError(f"spec must be a jfusion.Spec, not {type(spec).__name__}; wrap your dict in Spec(...)")
-    config = PlanConfig(spec, solver, resolve_alignment(alignment), metric, plans)
-    models = ModelStack(params_list)
+    spec: Spec | Mapping[str, Any],
+    producer: PlanProducer | None,
+    *,
+    alignment: str | AlignmentMethod = "weights",
+    target: int | PyTree = 0,
+    inputs: jax.Array | None = None,
+    stack: bool = True,
+) -> Problem:
+    """Validate everything that can be checked before tracing; raise named errors.
+
+    ``stack=False`` keeps a list of equal-width models apart (the unrolled path). A method
+    whose producer depends on the widths passes ``producer=None`` and then
+    :meth:`Problem.with_producer`.
+    """
+    spec = _as_spec(spec)
+    alignment = resolve_alignment(alignment)
+    # One activation function per model: each model runs its own (different modules cannot vmap).
+    stack = stack and not (isinstance(alignment, ByActivations) and alignment.model_fns is not None)
+    models = ModelStack(params_list, stack=stack)
     num = models.num_models
     all_widths = [spec.validate(models.shapes(k), f"model {k}") for k in range(num)]
     if models.stacked is not None:
@@ -218,27 +195,34 @@ def prepare(
     else:
         for k, leaves in enumerate(models.models):
             _check_finite(leaves, f"model {k}")
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        if not -num <= target < num:
-            raise FusionInputError(f"target={target} is not a model index for K={num} models")
-        target_index, target_leaves, target_treedef = int(target) % num, None, models.treedef
-        target_shapes, target_widths = models.shapes(target_index), all_widths[target_index]
+    reference = check_target(target, num)
+    if reference is not None:
+        reference_leaves, reference_treedef = None, models.treedef
+        reference_shapes, reference_widths = models.shapes(reference), all_widths[reference]
+        dtypes = models.dtypes[reference]
     else:
-        target_index = None
-        target_leaves, target_treedef = flatten(target)
-        if set(target_leaves) != set(models.paths):
+        flat, reference_treedef = flatten(target)
+        if set(flat) != set(models.paths):
             raise FusionInputError(
-                f"target has a different tree from the models: {first_difference(models.model(0), target_leaves)}"
+                f"target has a different tree from the models: {first_difference(models.model(0), flat)}"
             )
-        target_leaves = {p: jnp.asarray(target_leaves[p]) for p in models.paths}
-        target_shapes = {p: tuple(x.shape) for p, x in target_leaves.items()}
-        target_widths = spec.validate(target_shapes, "target")
-        _check_finite(target_leaves, "target")
+        reference_leaves = {p: jnp.asarray(flat[p]) for p in flat}
+        reference_shapes = {p: tuple(x.shape) for p, x in reference_leaves.items()}
+        reference_widths = spec.validate(reference_shapes, "target")
+        dtypes = {p: x.dtype for p, x in reference_leaves.items()}
+        _check_finite(reference_leaves, "target")
+    for leaf in spec.leaves:
+        if leaf.groups and not jnp.issubdtype(dtypes[leaf.path], jnp.inexact):
+            raise SpecError(
+                f"{leaf.path} has dtype {dtypes[leaf.path]} but carries groups {leaf.groups}: only "
+                f"floating-point leaves can be transported; label it with None on every axis "
+                f"(it then keeps the target's value)"
+            )
     for k in range(num):
         shapes = models.shapes(k)
         for leaf in spec.leaves:
-            expected = leaf.shape_for(shapes[leaf.path], all_widths[k], target_widths)
-            found = target_shapes[leaf.path]
+            expected = leaf.shape_for(shapes[leaf.path], all_widths[k], reference_widths)
+            found = reference_shapes[leaf.path]
             for axis, (e, f) in enumerate(zip(expected, found)):
                 if e != f:
                     raise FusionInputError(
@@ -246,122 +230,215 @@ def prepare(
                         f"which maps to {e} in the target, but the target has {f} there; "
                         f"ungrouped axes must agree between models"
                     )
-    if isinstance(config.alignment, Activations) and inputs is None:
-        raise FusionInputError("activation alignment needs inputs=x, a batch to compute activations on")
-    return _Problem(config, models, target_index, target_leaves, target_treedef, inputs)
+    if isinstance(alignment, ByActivations):
+        if inputs is None:
+            raise FusionInputError("activation alignment needs inputs=x, a batch to compute activations on")
+        if np.size(inputs) == 0 or np.ndim(inputs) == 0 or np.shape(inputs)[0] == 0:
+            raise FusionInputError(f"inputs has shape {np.shape(inputs)}: activation alignment needs a non-empty batch")
+        if _is_concrete(inputs) and jnp.issubdtype(jnp.result_type(inputs), jnp.inexact):
+            with jax.ensure_compile_time_eval():
+                finite = bool(jnp.all(jnp.isfinite(jnp.asarray(inputs))))
+            if not finite:
+                raise FusionInputError("inputs has NaN or Inf values: the activations would be too")
+    order = list(reference_leaves) if reference_leaves is not None else models.paths
+    config = EngineConfig(
+        spec=spec,
+        alignment=alignment,
+        producer=producer,
+        model_widths=tuple(tuple(w.items()) for w in all_widths),
+        reference=reference,
+        reference_widths=tuple(reference_widths.items()),
+        dtypes=tuple((p, dtypes[p]) for p in order),
+        treedef=models.treedef,
+        reference_treedef=reference_treedef,
+        vectorized=models.stacked is not None,
+    )
+    arrays = models.stacked if models.stacked is not None else tuple(models.models)
+    return Problem(config, arrays, reference_leaves, inputs)
 
 
-def _model_activations(config, treedef, leaves, inputs, of_target=False, index=None):
-    """Each group's activations of model ``index`` or of the target pytree (None by weights)."""
+def _activations(config: EngineConfig, leaves, inputs, index: int | None):
+    """Each group's activations of model ``index`` (None: the reference pytree)."""
     alignment = config.alignment
-    if not isinstance(alignment, Activations):
-        return None
-    if of_target and alignment.target_fn is not None:
+    if index is None and alignment.target_fn is not None:
         fn = alignment.target_fn
     elif index is not None and alignment.model_fns is not None:
         fn = alignment.model_fns[index]
     else:
         fn = alignment.fn
+    treedef = config.treedef if index is not None else config.reference_treedef
     return dict(fn(unflatten(treedef, leaves), inputs))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "target_index", "treedef", "target_treedef"))
-def align_flat(config, stacked, model_list, target_leaves, inputs, target_index, treedef, target_treedef):
-    """The traced core: per-model plans and transported leaves.
+def _steps(config: EngineConfig):
+    """``(group, solved)`` per step: every group of every sweep, with the groups that have a plan.
 
-    Models of equal widths are aligned under one ``vmap``; the model the target was taken
-    from is left out of it (its plans are fixed, and an approximate solver would only blur
-    it against itself). ``position`` counts the aligned models in order, skipping it.
+    Static, so the reference's and every model's supports use the same leaves and layout.
     """
-    spec = config.spec
-    if stacked is None:
-        all_widths = [spec.validate({p: x.shape for p, x in leaves.items()}) for leaves in model_list]
-        if target_index is not None:
-            target_leaves, target_treedef = model_list[target_index], treedef
-        target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
-        target_acts = _model_activations(
-            config, target_treedef, target_leaves, inputs, of_target=target_index is None, index=target_index
-        )
-        target_aligned, target_results, target_maps = _target_alignment(config, target_leaves, target_widths)
-        aligned, results = [], []
-        others = [k for k in range(len(model_list)) if k != target_index]
-        for k, (leaves, widths) in enumerate(zip(model_list, all_widths)):
-            if k == target_index:
-                aligned.append(target_aligned)
-                results.append(target_results)
-                continue
-            acts = _model_activations(config, treedef, leaves, inputs, index=k)
-            res, maps = solve_model_plans(
-                config, leaves, widths, target_leaves, target_widths, acts, target_acts,
-                others.index(k), target_maps,
-            )
-            aligned.append(transport_model(leaves, spec.leaves, maps, widths))
-            results.append(res)
-        return aligned, results
+    groups = config.spec.groups
+    sweeps = config.alignment.sweeps if not isinstance(config.alignment, ByActivations) else 1
+    for sweep in range(sweeps):
+        for i, group in enumerate(groups):
+            yield group, frozenset(groups if sweep else groups[:i])
 
-    widths = spec.validate({p: x.shape[1:] for p, x in stacked.items()})
-    all_acts = (
-        jax.vmap(lambda leaves: _model_activations(config, treedef, leaves, inputs))(stacked)
-        if isinstance(config.alignment, Activations)
-        else None
-    )
 
-    def take(tree, index):
-        return jax.tree.map(lambda x: x[index], tree)
+def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Array:
+    if activations is not None:
+        return activation_support(activations, group, widths[group])
+    return weight_support(leaves, config.spec, group, widths, maps, solved, config.alignment.outgoing)
 
-    num = next(iter(stacked.values())).shape[0]
-    if target_index is None:
-        target_widths = spec.validate({p: x.shape for p, x in target_leaves.items()})
-        target_acts = _model_activations(config, target_treedef, target_leaves, inputs, of_target=True)
-        target_maps = {}
-        others = np.arange(num)
+
+def _record(results, maps, group, result, width) -> None:
+    if result is None:
+        results[group] = identity_result(width)
+        maps.pop(group, None)
     else:
-        target_leaves, target_widths = take(stacked, target_index), widths
-        target_acts = take(all_acts, target_index)
-        itself, itself_results, target_maps = _target_alignment(config, target_leaves, widths)
-        others = np.array([k for k in range(num) if k != target_index], dtype=np.int32)
+        results[group] = result
+        maps[group] = group_map(result.plan)
 
-    def align_one(leaves, acts, position):
-        results, maps = solve_model_plans(
-            config, leaves, widths, target_leaves, target_widths, acts, target_acts, position, target_maps
+
+def _reference_pass(config, leaves, activations):
+    """The reference's own plans and its support at every step (its plans depend on it alone)."""
+    widths = dict(config.reference_widths)
+    results: dict[str, OTResult] = {}
+    maps: dict[str, GroupMap] = {}
+    supports = []
+    for group, solved in _steps(config):
+        y = _support(config, leaves, widths, activations, maps, solved, group)
+        _record(results, maps, group, config.producer.reference_plan(group, y), widths[group])
+        supports.append(y)
+    aligned = transport_model(leaves, config.spec.leaves, maps, widths)
+    return aligned, results, supports
+
+
+def _model_pass(config, leaves, widths, activations, reference_supports, model):
+    """One model's plans against the reference's supports, and the model transported by them."""
+    results: dict[str, OTResult] = {}
+    maps: dict[str, GroupMap] = {}
+    for (group, solved), y in zip(_steps(config), reference_supports):
+        x = _support(config, leaves, widths, activations, maps, solved, group)
+        _record(results, maps, group, config.producer.plan(group, x, y, model), widths[group])
+    return transport_model(leaves, config.spec.leaves, maps, widths), results
+
+
+def _take(tree, index):
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def align_models(config: EngineConfig, models, reference_leaves, inputs) -> EngineOutput:
+    """The traced engine (see the module docstring); pure, called inside ``jit``."""
+    by_activations = isinstance(config.alignment, ByActivations)
+    num, r = config.num_models, config.reference
+    if config.vectorized:
+        model_leaves = [None] * num  # read lazily below: the vmapped path takes slices
+        acts = jax.vmap(lambda leaves: _activations(config, leaves, inputs, 0))(models) if by_activations else None
+    else:
+        model_leaves = list(models)
+        acts = [_activations(config, leaves, inputs, k) for k, leaves in enumerate(models)] if by_activations else None
+    if r is None:
+        ref_leaves = reference_leaves
+        ref_acts = _activations(config, ref_leaves, inputs, None) if by_activations else None
+    else:
+        ref_leaves = _take(models, r) if config.vectorized else model_leaves[r]
+        ref_acts = None if acts is None else (_take(acts, r) if config.vectorized else acts[r])
+    ref_aligned, ref_results, ref_supports = _reference_pass(config, ref_leaves, ref_acts)
+    others = [k for k in range(num) if k != r]
+
+    if config.vectorized and others:
+        widths = dict(config.model_widths[0])
+        index = np.asarray(others, np.int32)
+        aligned, results = jax.vmap(
+            lambda leaves, a, k: _model_pass(config, leaves, widths, a, ref_supports, k)
+        )(_take(models, index), None if acts is None else _take(acts, index), jnp.asarray(index))
+        per_model = [(_take(aligned, i), _take(results, i)) for i in range(len(others))]
+    else:
+        per_model = [
+            _model_pass(
+                config, model_leaves[k], dict(config.model_widths[k]), None if acts is None else acts[k],
+                ref_supports, jnp.int32(k),
+            )
+            for k in others
+        ]
+    by_model = dict(zip(others, per_model))
+    if r is not None:
+        by_model[r] = (ref_aligned, ref_results)
+    order = [by_model[k] for k in range(num)]
+    aligned = {p: jnp.stack([a[p] for a, _ in order]) for p in order[0][0]}
+    groups = config.spec.groups
+    received = {g: jnp.stack([res[g].plan.sum(axis=0) for _, res in order]) for g in groups}
+    plans = {}
+    for g in groups:
+        fields = [res[g] for _, res in order]
+        shapes = {f.plan.shape for f in fields}
+        plans[g] = OTResult(
+            jnp.stack([f.plan for f in fields]) if len(shapes) == 1 else tuple(f.plan for f in fields),
+            jnp.stack([f.cost for f in fields]),
+            jnp.stack([f.converged for f in fields]),
+            jnp.stack([f.iterations for f in fields]),
         )
-        return transport_model(leaves, spec.leaves, maps, widths), results
-
-    if others.size:
-        aligned = jax.vmap(align_one)(take(stacked, others), take(all_acts, others), jnp.arange(others.size))
-    if target_index is None:
-        return aligned
-    if not others.size:
-        return jax.tree.map(lambda x: x[None], (itself, itself_results))
-    return jax.tree.map(
-        lambda rest, own: jnp.concatenate([rest[:target_index], own[None], rest[target_index:]]),
-        aligned,
-        (itself, itself_results),
-    )
+    return EngineOutput(aligned, received, plans, ref_leaves)
 
 
-def align_problem(problem: _Problem):
-    """Run the jitted core on a prepared problem: ``(aligned leaves, per-model results)``."""
-    models = problem.models
-    return align_flat(
-        problem.config,
-        models.stacked,
-        models.models,
-        problem.target_leaves,
-        problem.inputs,
-        problem.target_index,
-        models.treedef,
-        problem.target_treedef,
-    )
+def combine_models(config: EngineConfig, out: EngineOutput, weights: jax.Array) -> dict[str, jax.Array]:
+    """The fused model's leaves, in the reference's leaf order (see :func:`jfusion.core.combine.combine`)."""
+    lambdas = {
+        g: slot_weights(config.producer.coverage(g, out.received[g]), weights) for g in config.spec.groups
+    }
+    dtypes = dict(config.dtypes)
+    fused = combine(config.spec, out.aligned, lambdas, weights, dtypes, out.reference)
+    return {p: fused[p] for p in dtypes}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def fusion_program(config: EngineConfig, models, reference_leaves, inputs, weights):
+    """Align and combine: ``(fused leaves, engine output)``. One XLA program."""
+    out = align_models(config, models, reference_leaves, inputs)
+    return combine_models(config, out, weights), out
+
+
+def run(problem: Problem, weights: jax.Array | Sequence[float] | None = None) -> tuple[PyTree, EngineOutput]:
+    """Run a prepared problem: the fused pytree (reference's structure) and the engine output.
+
+    Warns (eagerly) about every plan whose solver did not converge.
+    """
+    config = problem.config
+    w = model_weights(weights, config.num_models)
+    fused, out = fusion_program(config, problem.models, problem.reference, problem.inputs, w)
+    warn_unconverged(out.plans)
+    return unflatten(config.reference_treedef, fused), out
+
+
+def caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside jfusion (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "jfusion":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class Alignment(NamedTuple):
+    """Result of :func:`align`.
+
+    Attributes:
+      aligned: the K models transported onto the target's neurons, as one pytree stacked on
+        a leading K axis, in the target's widths and tree structure
+        (:func:`jfusion.unstack_models` gives a list).
+      plans: ``{group: OTResult}``, each field with a leading K axis (the target model's
+        plan is the identity); for models of different widths ``plan`` is a tuple of K
+        arrays.
+    """
+
+    aligned: PyTree
+    plans: dict[str, OTResult]
 
 
 def align(
     params_list: PyTree | Sequence[PyTree],
     spec: Spec,
     *,
-    solver: Solver = Exact(),
+    solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
-    metric: GroundMetric = GroundMetric(),
+    metric: str | GroundMetric = "euclidean",
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
 ) -> Alignment:
@@ -375,57 +452,48 @@ def align(
 
     Args:
       params_list: K pytrees of one structure, or one pytree stacked along a leading K axis.
-      spec: the layer topology (:class:`jfusion.Spec`).
-      solver: :class:`jfusion.Exact` (default) or :class:`jfusion.Sinkhorn`.
-      alignment: ``"weights"``, :class:`jfusion.Weights` or :class:`jfusion.Activations`.
-      metric: ground metric between supports.
+      spec: the layer topology (:class:`jfusion.Spec`, or the dict it is built from).
+      solver: ``"exact"`` (default), ``"sinkhorn"`` or a solver object
+        (:class:`jfusion.Exact`, :class:`jfusion.Sinkhorn`).
+      alignment: ``"weights"``, :class:`jfusion.ByWeights` or :class:`jfusion.ByActivations`.
+      metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
       target: index of the model to align onto, or a params pytree of the target
         architecture (other widths: fusing into a smaller or larger model).
       inputs: the batch activation alignment runs on.
 
     Reference: Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
     """
-    problem = prepare(params_list, spec, solver, alignment, metric, target, inputs)
-    aligned, results = align_problem(problem)
-    if problem.models.stacked is not None:
-        aligned = unflatten(problem.target_treedef, aligned)
-        if isinstance(params_list, (list, tuple)):
-            aligned = [jax.tree.map(lambda x, k=k: x[k], aligned) for k in range(problem.models.num_models)]
-    else:
-        aligned = [unflatten(problem.target_treedef, a) for a in aligned]
-    plans = group_plans(results, spec.groups)
-    warn_unconverged(plans)
-    return Alignment(aligned, plans)
+    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
+    problem = prepare(params_list, spec, producer, alignment=alignment, target=target, inputs=inputs)
+    _, out = run(problem)
+    return Alignment(unflatten(problem.config.reference_treedef, {p: out.aligned[p] for p, _ in problem.config.dtypes}), out.plans)
 
 
-def group_plans(
-    results: Mapping[str, OTResult] | Sequence[Mapping[str, OTResult]], groups: Sequence[str]
-) -> dict[str, OTResult | tuple[OTResult, ...]]:
-    """``{group: results}``: stacked results as they are, a list of per-model dicts regrouped."""
-    if isinstance(results, Mapping):
-        return dict(results)
-    return {g: tuple(r[g] for r in results) for g in groups}
-
-
-def warn_unconverged(plans: Mapping[str, OTResult | tuple[OTResult, ...]], stacklevel: int = 3) -> None:
+def warn_unconverged(plans: Mapping[str, OTResult]) -> None:
     """Warn (eagerly; a no-op under tracing) about every plan whose solver did not converge.
 
-    ``stacklevel`` points the warning at the user's call: 3 when the public function calls
-    this directly.
+    The warning points at the user's line that called jfusion.
     """
     for group, result in plans.items():
-        per_model = [result] if isinstance(result, OTResult) else result
-        flags = [np.atleast_1d(np.asarray(r.converged)) for r in per_model if _is_concrete(r.converged)]
-        iters = [np.atleast_1d(np.asarray(r.iterations)) for r in per_model if _is_concrete(r.iterations)]
-        if not flags:
+        if not (_is_concrete(result.converged) and _is_concrete(result.iterations)):
             continue
-        flags, iters = np.concatenate(flags), np.concatenate(iters)
-        if not flags.all():
-            bad = np.flatnonzero(~flags).tolist()
-            warnings.warn(
-                f"group {group!r}: the OT solver did not converge for models {bad} "
-                f"(stopped after {', '.join(str(i) for i in iters[bad])} iterations); raise "
-                f"max_iterations or epsilon, or use jfusion.Exact()",
-                ConvergenceWarning,
-                stacklevel=stacklevel,
+        flags = np.atleast_1d(np.asarray(result.converged))
+        if flags.all():
+            continue
+        iters = np.atleast_1d(np.asarray(result.iterations))
+        bad = np.flatnonzero(~flags).tolist()
+        plan_list = result.plan if isinstance(result.plan, tuple) else list(result.plan)
+        non_finite = [k for k in bad if _is_concrete(plan_list[k]) and not np.isfinite(np.asarray(plan_list[k])).all()]
+        if non_finite:
+            advice = (
+                f"the plans of models {non_finite} are NaN/Inf: the supports (weights or "
+                f"activations) were not finite or overflowed float32, so no solver setting helps"
             )
+        else:
+            advice = "raise max_iterations or epsilon, or use jfusion.Exact()"
+        warnings.warn(
+            f"group {group!r}: the OT solver did not converge for models {bad} "
+            f"(stopped after {', '.join(str(iters[k]) for k in bad)} iterations); {advice}",
+            ConvergenceWarning,
+            stacklevel=caller_stacklevel(),
+        )

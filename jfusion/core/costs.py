@@ -48,13 +48,20 @@ class GroundMetric:
         if self.normalize_supports or self.kind == "cosine":
             x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
             y = y / jnp.maximum(jnp.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+            scale = jnp.float32(1.0)
+        else:
+            # Distances are homogeneous: computed on supports scaled to at most 1 and scaled
+            # back, the squares stay inside float32 for weights from 1e-19 to 1e19.
+            scale = jnp.maximum(jnp.maximum(jnp.max(jnp.abs(x)), jnp.max(jnp.abs(y))), 1e-30)
+            scale = jnp.where(jnp.isfinite(scale), scale, 1.0)
+            x, y = x / scale, y / scale
         cross = jnp.matmul(x, y.T, precision=_HIGHEST)
         if self.kind == "cosine":
             cost = 1.0 - cross
         else:
             sq = jnp.sum(x * x, axis=1)[:, None] + jnp.sum(y * y, axis=1)[None, :] - 2.0 * cross
             sq = jnp.maximum(sq, 0.0)
-            cost = sq if self.kind == "sqeuclidean" else jnp.sqrt(sq)
+            cost = sq * scale**2 if self.kind == "sqeuclidean" else jnp.sqrt(sq) * scale
         if self.normalize_cost == "max":
             cost = cost / jnp.maximum(jnp.max(cost), 1e-30)
         elif self.normalize_cost == "mean":
@@ -62,3 +69,15 @@ class GroundMetric:
         elif self.normalize_cost == "median":
             cost = cost / jnp.maximum(jnp.median(cost), 1e-30)
         return cost
+
+
+def resolve_metric(metric: str | GroundMetric) -> GroundMetric:
+    """A ground metric from a :class:`GroundMetric` or its kind (``"euclidean"``, ``"cosine"``...)."""
+    if isinstance(metric, str):
+        return GroundMetric(metric)
+    if not isinstance(metric, GroundMetric):
+        raise TypeError(
+            f"metric must be 'euclidean', 'sqeuclidean', 'cosine' or a jfusion.GroundMetric, "
+            f"not {type(metric).__name__}"
+        )
+    return metric

@@ -2,17 +2,23 @@
 
 Given a cost ``C (n, m)`` and marginals ``a (n,)``, ``b (m,)``, a solver returns a plan
 ``T >= 0`` with ``T 1 = a``, ``T^T 1 = b`` minimising ``<C, T>`` (exactly, or with an
-entropic penalty), plus diagnostics. Solvers are frozen dataclasses, hashable, so they can
-be static arguments of ``jax.jit``.
+entropic penalty), plus diagnostics. A solver also offers *partial* OT (Morelli & Eckstein
+2026): transport all but ``isolated`` source neurons' mass and send the rest to a sink.
+
+Any hashable object with these two methods is a solver (:class:`Solver`); jfusion's are
+frozen dataclasses, so they can be static arguments of ``jax.jit``. Names work too:
+``solver="exact"`` or ``"sinkhorn"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+import math
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from ott.geometry import geometry
 from ott.problems.linear import linear_problem
@@ -27,7 +33,9 @@ class OTResult(NamedTuple):
     Attributes:
       plan: ``(n, m)`` coupling between source neurons (rows) and target neurons (columns).
       cost: transport cost ``<C, plan>``.
-      converged: whether the solver met its tolerance (always True for exact solvers).
+      converged: whether the solver met its tolerance. An exact solver reports False when
+        the cost was not finite (NaN/Inf in the supports), since its matching is then
+        arbitrary.
       iterations: iterations the solver ran (0 for exact solvers).
     """
 
@@ -35,6 +43,22 @@ class OTResult(NamedTuple):
     cost: jax.Array
     converged: jax.Array
     iterations: jax.Array
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """What jfusion needs of an OT solver.
+
+    ``__call__(cost, a, b) -> OTResult`` solves balanced OT between marginals ``a`` and
+    ``b``. ``partial(cost, isolated) -> (OTResult, sink)`` solves partial OT between uniform
+    unit masses: every source and target neuron has mass 1, all but ``isolated`` source
+    neurons are transported, and ``sink (n,)`` is the mass each source neuron sends nowhere.
+    Both must be traceable, ``vmap``-able and the solver hashable (a ``jit`` static argument).
+    """
+
+    def __call__(self, cost: jax.Array, a: jax.Array, b: jax.Array) -> OTResult: ...
+
+    def partial(self, cost: jax.Array, isolated: int) -> tuple[OTResult, jax.Array]: ...
 
 
 def _result(plan: jax.Array, cost: jax.Array, converged, iterations) -> OTResult:
@@ -46,13 +70,27 @@ def _result(plan: jax.Array, cost: jax.Array, converged, iterations) -> OTResult
     )
 
 
-def assignment_plan(cost: jax.Array) -> jax.Array:
+def _conditioned(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(cost mapped affinely onto [0, 1], whether the cost was finite)``.
+
+    An assignment's optimum is unchanged by adding a constant to every cost or scaling all
+    of them by a positive one; the Hungarian algorithm's potentials then stay well inside
+    float32 whatever the weights' scale (1e-19 or 1e19).
+    """
+    finite = jnp.all(jnp.isfinite(cost))
+    safe = jnp.where(jnp.isfinite(cost), cost, 0.0)
+    low, high = jnp.min(safe), jnp.max(safe)
+    spread = high - low
+    return jnp.where(spread > 0, (safe - low) / jnp.where(spread > 0, spread, 1.0), 0.0), finite
+
+
+def assignment_plan(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Exact OT plan between uniform measures of sizes n and m, one dividing the other.
 
     Solved as a linear assignment (Hungarian algorithm, ``optax.assignment``) after
     replicating the smaller side ``max(n, m) / min(n, m)`` times; every entry of the plan is
     a multiple of ``1 / max(n, m)``, so for ``n == m`` it is exactly ``P / n`` for a
-    permutation matrix ``P``, not a float approximation of it.
+    permutation matrix ``P``, not a float approximation of it. Returns ``(plan, finite)``.
     """
     n, m = cost.shape
     if n % m and m % n:
@@ -61,10 +99,19 @@ def assignment_plan(cost: jax.Array) -> jax.Array:
             f"to divide the other; found n={n} source and m={m} target neurons (ratio "
             f"{n / m:.3g}); use jfusion.Sinkhorn() for other width ratios"
         )
-    square = jnp.tile(cost, (m // n, 1)) if m > n else jnp.tile(cost, (1, n // m))
+    scaled, finite = _conditioned(cost)
+    square = jnp.tile(scaled, (m // n, 1)) if m > n else jnp.tile(scaled, (1, n // m))
     rows, cols = optax.assignment.hungarian_algorithm(square)
     size = max(n, m)
-    return jnp.zeros((n, m), cost.dtype).at[rows % n, cols % m].add(1.0 / size)
+    return jnp.zeros((n, m), cost.dtype).at[rows % n, cols % m].add(1.0 / size), finite
+
+
+def _is_uniform(x: jax.Array) -> bool | None:
+    """Whether concrete marginals are uniform; None when traced (cannot be inspected)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    values = np.asarray(x, np.float64)
+    return bool(np.allclose(values, 1.0 / values.size, rtol=1e-5, atol=0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +120,43 @@ class Exact:
 
     With uniform marginals and widths where one divides the other, the OT linear program
     has an optimal vertex that is an assignment, found by the Hungarian algorithm in
-    ``O(max(n, m)^3)``. The marginals ``a`` and ``b`` must be uniform (jfusion's default);
-    for other marginals use :class:`Sinkhorn`.
+    ``O(max(n, m)^3)``. The marginals must be uniform; :class:`Sinkhorn` takes any.
     """
 
     def __call__(self, cost: jax.Array, a: jax.Array, b: jax.Array) -> OTResult:
-        return _result(assignment_plan(cost), cost, True, 0)
+        n, m = cost.shape
+        if a.shape != (n,) or b.shape != (m,):
+            raise FusionInputError(
+                f"marginals of shapes {a.shape} and {b.shape} do not fit a cost of shape {cost.shape}"
+            )
+        if _is_uniform(a) is False or _is_uniform(b) is False:
+            raise FusionInputError(
+                "jfusion.Exact solves OT between uniform marginals only (an assignment); "
+                "use jfusion.Sinkhorn() for non-uniform (importance) marginals"
+            )
+        plan, finite = assignment_plan(cost)
+        return _result(plan, cost, finite, 0)
+
+    def partial(self, cost: jax.Array, isolated: int) -> tuple[OTResult, jax.Array]:
+        """The cheapest matching of ``n - isolated`` pairs (unit masses on matched pairs).
+
+        Unmatched rows take zero-cost sink columns and unmatched columns zero-cost sink rows;
+        sink-to-sink costs more than any real pair, so exactly ``n - isolated`` real pairs
+        are formed.
+        """
+        n, m = cost.shape
+        matched = n - isolated
+        if not 0 <= matched <= min(n, m):
+            raise FusionInputError(f"cannot match {matched} pairs between {n} and {m} neurons")
+        if matched == 0:
+            plan = jnp.zeros((n, m), cost.dtype)
+            return _result(plan, cost, jnp.all(jnp.isfinite(cost)), 0), jnp.ones((n,), cost.dtype)
+        scaled, finite = _conditioned(cost)
+        size = n + m - matched
+        padded = jnp.zeros((size, size), cost.dtype).at[:n, :m].set(scaled).at[n:, m:].set(2.0)
+        rows, cols = optax.assignment.hungarian_algorithm(padded)
+        full = jnp.zeros((size, size), cost.dtype).at[rows, cols].set(1.0)
+        return _result(full[:n, :m], cost, finite, 0), full[:n, m:].sum(axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +168,11 @@ class Sinkhorn:
     less so the smaller ``epsilon``.
 
     Attributes:
-      epsilon: entropic regularisation; relative to the cost's mean (or std) when
+      epsilon: entropic regularisation (> 0); relative to the cost's mean (or std) when
         ``relative_epsilon`` is set, so the same value works for every layer's scale.
       relative_epsilon: ``"mean"``, ``"std"`` or None (absolute epsilon).
-      threshold: tolerance on the marginal error ``||T 1 - a||_1 + ...``.
-      max_iterations: iteration cap; a plan that hits it is reported with
+      threshold: tolerance (> 0) on the marginal error ``||T 1 - a||_1 + ...``.
+      max_iterations: iteration cap (>= 1); a plan that hits it is reported with
         ``converged=False`` and jfusion warns (eagerly) or returns the flag (under jit).
     """
 
@@ -103,15 +181,69 @@ class Sinkhorn:
     threshold: float = 1e-4
     max_iterations: int = 5000
 
+    def __post_init__(self):
+        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"Sinkhorn.epsilon must be a finite number > 0, got {self.epsilon!r}")
+        if self.relative_epsilon not in (None, "mean", "std"):
+            raise ValueError(
+                f"Sinkhorn.relative_epsilon must be 'mean', 'std' or None, got {self.relative_epsilon!r}"
+            )
+        if not (isinstance(self.threshold, (int, float)) and self.threshold > 0):
+            raise ValueError(f"Sinkhorn.threshold must be > 0, got {self.threshold!r}")
+        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, (int, np.integer)) or self.max_iterations < 1:
+            raise ValueError(f"Sinkhorn.max_iterations must be an int >= 1, got {self.max_iterations!r}")
+
     def __call__(self, cost: jax.Array, a: jax.Array, b: jax.Array) -> OTResult:
         geom = geometry.Geometry(
             cost_matrix=cost, epsilon=self.epsilon, relative_epsilon=self.relative_epsilon
         )
         solver = sinkhorn.Sinkhorn(
-            lse_mode=True, threshold=self.threshold, max_iterations=self.max_iterations
+            lse_mode=True,
+            threshold=self.threshold,
+            max_iterations=self.max_iterations,
+            # Convergence is checked every inner_iterations; a divisor of the cap makes the
+            # loop stop exactly there, so the reported count never exceeds it.
+            inner_iterations=math.gcd(10, int(self.max_iterations)),
         )
         out = solver(linear_problem.LinearProblem(geom, a, b))
-        return _result(out.matrix, cost, out.converged, out.n_iters)
+        converged = out.converged & jnp.all(jnp.isfinite(out.matrix))
+        return _result(out.matrix, cost, converged, out.n_iters)
+
+    def partial(self, cost: jax.Array, isolated: int) -> tuple[OTResult, jax.Array]:
+        """Sink-point partial OT: a fraction ``alpha = isolated / n`` of the mass goes to a sink.
+
+        With ``s = alpha / (1 + alpha)``, marginals ``[(1-s)/n, ..., s]`` and
+        ``[(1-s)/m, ..., s]``, the cost extended by a sink row and column (neuron-sink cost
+        0, sink-sink ``max(C) + 1``). The plan is rescaled so a target neuron's mass is 1.
+        """
+        n, m = cost.shape
+        alpha = isolated / n
+        s = alpha / (1.0 + alpha)
+        a = jnp.concatenate([jnp.full((n,), (1.0 - s) / n), jnp.array([s])])
+        b = jnp.concatenate([jnp.full((m,), (1.0 - s) / m), jnp.array([s])])
+        extended = jnp.zeros((n + 1, m + 1), cost.dtype).at[:n, :m].set(cost).at[n, m].set(jnp.max(cost) + 1.0)
+        result = self(extended, a, b)
+        scale = m * (1.0 + alpha)  # a target neuron's mass is (1 - s) / m = 1 / (m (1 + alpha))
+        plan = result.plan[:n, :m] * scale
+        return result._replace(plan=plan, cost=jnp.sum(plan * cost)), result.plan[:n, m] * scale
 
 
-Solver = Exact | Sinkhorn
+SOLVERS = {"exact": Exact, "sinkhorn": Sinkhorn}
+
+
+def resolve_solver(solver: str | Solver) -> Solver:
+    """A solver object from a solver or its name (``"exact"``, ``"sinkhorn"``)."""
+    if isinstance(solver, str):
+        if solver.lower() not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; pass one of {sorted(SOLVERS)} or a solver object such as jfusion.Sinkhorn(epsilon=0.01)")
+        return SOLVERS[solver.lower()]()
+    if not isinstance(solver, Solver):
+        raise TypeError(
+            f"solver must be 'exact', 'sinkhorn' or an object with __call__(cost, a, b) and "
+            f"partial(cost, isolated) (jfusion.Exact(), jfusion.Sinkhorn()); got {type(solver).__name__}"
+        )
+    try:
+        hash(solver)
+    except TypeError:
+        raise TypeError(f"the solver {solver!r} must be hashable (a frozen dataclass) to be a jit static argument") from None
+    return solver

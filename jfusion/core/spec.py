@@ -58,47 +58,61 @@ def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
     )
 
 
+def _parse_axes(path: str, axes: object) -> tuple[tuple[Dim, ...], ...]:
+    if not isinstance(axes, (tuple, list)):
+        raise SpecError(
+            f"{path}: axes must be a tuple with one entry per axis of the leaf, not "
+            f"{axes!r}; write ({axes!r},) for a leaf with one axis"
+        )
+    return tuple(_parse_entry(path, axis, entry) for axis, entry in enumerate(axes))
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafSpec:
-    """One leaf's labels: ``axes`` as given, ``dims`` the flattened view dims."""
+    """One leaf's labels: ``axes`` as given; the parsed view dims are computed once.
+
+    Attributes:
+      path: the leaf's "/"-joined path.
+      axes: one entry per axis of the leaf (a group name, None, or a view tuple).
+      axis_dims: per axis, the view dims it is reshaped into (a plain axis is one dim).
+      dims: ``axis_dims`` flattened: the leaf's dims in view layout.
+      dim_groups: per view dim, the group it carries, or None.
+      output_group: the group on the last view dim (the leaf's output), or None.
+      input_groups: the groups on other dims, in order, without repeats.
+      groups: every group the leaf carries, inputs first.
+    """
 
     path: str
     axes: tuple[Entry, ...]
+    axis_dims: tuple[tuple[Dim, ...], ...] = dataclasses.field(init=False, repr=False, compare=False)
+    dims: tuple[Dim, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    dim_groups: tuple[str | None, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    output_group: str | None = dataclasses.field(init=False, repr=False, compare=False)
+    input_groups: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    groups: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def dims(self) -> tuple[Dim, ...]:
-        return tuple(d for i, e in enumerate(self.axes) for d in _parse_entry(self.path, i, e))
-
-    @property
-    def dim_groups(self) -> tuple[str | None, ...]:
-        """Per view dim: the group it carries, or None."""
-        return tuple(d if isinstance(d, str) else None for d in self.dims)
-
-    @property
-    def output_group(self) -> str | None:
-        return self.dim_groups[-1] if self.dims else None
-
-    @property
-    def input_groups(self) -> tuple[str, ...]:
-        """Groups on dims other than the last, in order, without repeats."""
-        seen: list[str] = []
-        for g in self.dim_groups[:-1]:
-            if g is not None and g not in seen:
-                seen.append(g)
-        return tuple(seen)
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        out = list(self.input_groups)
-        if self.output_group is not None and self.output_group not in out:
-            out.append(self.output_group)
-        return tuple(out)
+    def __post_init__(self):
+        axis_dims = _parse_axes(self.path, self.axes)
+        dims = tuple(d for per_axis in axis_dims for d in per_axis)
+        dim_groups = tuple(d if isinstance(d, str) else None for d in dims)
+        output = dim_groups[-1] if dims else None
+        inputs = tuple(dict.fromkeys(g for g in dim_groups[:-1] if g is not None))
+        groups = inputs + ((output,) if output is not None and output not in inputs else ())
+        for name, value in [
+            ("axes", tuple(self.axes)),
+            ("axis_dims", axis_dims),
+            ("dims", dims),
+            ("dim_groups", dim_groups),
+            ("output_group", output),
+            ("input_groups", inputs),
+            ("groups", groups),
+        ]:
+            object.__setattr__(self, name, value)
 
     def view_shape(self, shape: Sequence[int], widths: Mapping[str, int]) -> tuple[int, ...]:
         """The leaf's shape in view dims, for a leaf of ``shape`` and the given group widths."""
         out: list[int] = []
-        for axis, entry in enumerate(self.axes):
-            dims = _parse_entry(self.path, axis, entry)
+        for axis, dims in enumerate(self.axis_dims):
             size = shape[axis]
             known = [widths[d] if isinstance(d, str) else d for d in dims]
             if None in known:
@@ -122,107 +136,131 @@ class LeafSpec:
         view = self.view_shape(shape, widths)
         view = [new_widths[g] if g is not None else s for g, s in zip(self.dim_groups, view)]
         out, i = [], 0
-        for axis, entry in enumerate(self.axes):
-            n = len(_parse_entry(self.path, axis, entry))
-            out.append(math.prod(view[i : i + n]))
-            i += n
+        for dims in self.axis_dims:
+            out.append(math.prod(view[i : i + len(dims)]))
+            i += len(dims)
         return tuple(out)
 
 
-@dataclasses.dataclass(frozen=True, init=False)
+def _order(leaves: Sequence[LeafSpec], writers: Mapping[str, tuple[LeafSpec, ...]]) -> tuple[str, ...]:
+    """Every group, each after the groups feeding it where the topology allows.
+
+    A residual stream feeds the blocks that write back into it, so streams make the "feeds"
+    relation cyclic. When no group has all its inputs solved, the next one is a group with at
+    least one writer whose inputs are all solved -- the stem or the projection shortcut that
+    opens the stream; its other writers join its support in a second sweep
+    (:class:`jfusion.ByWeights`). OTFusion likewise takes a stream's map from its earliest layer.
+    """
+    names = list(dict.fromkeys(g for leaf in leaves for g in leaf.groups))
+
+    def inputs(leaf: LeafSpec, group: str) -> set[str]:
+        return {g for g in leaf.input_groups if g != group}
+
+    order: list[str] = []
+    while len(order) < len(names):
+        solved = set(order)
+        remaining = [g for g in names if g not in solved]
+        ready = [g for g in remaining if all(inputs(w, g) <= solved for w in writers[g])]
+        if not ready:
+            ready = [g for g in remaining if any(inputs(w, g) <= solved for w in writers[g])][:1]
+        if not ready:
+            waiting = {
+                g: sorted(set().union(*(inputs(w, g) for w in writers[g])) - solved) for g in remaining
+            }
+            raise SpecError(f"groups feed each other in a cycle with no entry point: {waiting}")
+        order.extend(ready)
+    return tuple(order)
+
+
+@dataclasses.dataclass(frozen=True, init=False, eq=False)
 class Spec:
     """Layer topology of a parameter pytree: ``{path: axes}`` for every leaf.
 
-    Hashable, so it can be a static argument of ``jax.jit``. See the module docstring for
-    the meaning of ``axes``.
+    Built once: the index by path, the parsed views, every group's writers (incoming weights)
+    and readers (outgoing weights) and the group order are computed when the Spec is made,
+    so reading them costs a dict look-up. Hashable and equal by value (its leaves), so it can
+    be a static argument of ``jax.jit``. See the module docstring for the meaning of ``axes``.
+
+    Attributes:
+      leaves: one :class:`LeafSpec` per labelled leaf, in the order given.
+      groups: every group, in the order they are solved (inputs before the groups they feed).
     """
 
     leaves: tuple[LeafSpec, ...]
+    groups: tuple[str, ...]
 
     def __init__(self, mapping: Mapping[str, Sequence[Entry]] | Iterable[LeafSpec]):
+        if isinstance(mapping, Spec):
+            mapping = mapping.leaves
         items = (
-            [LeafSpec(p, tuple(a)) for p, a in mapping.items()]
-            if isinstance(mapping, Mapping)
-            else list(mapping)
+            [LeafSpec(p, a) for p, a in mapping.items()] if isinstance(mapping, Mapping) else list(mapping)
         )
-        seen = set()
+        index: dict[str, LeafSpec] = {}
         for leaf in items:
-            if leaf.path in seen:
+            if not isinstance(leaf.path, str):
+                raise SpecError(f"{leaf.path!r}: a leaf path must be a string such as 'params/Dense_0/kernel'")
+            if leaf.path in index:
                 raise SpecError(f"{leaf.path}: labelled twice")
-            seen.add(leaf.path)
-            _ = leaf.dims  # parsing raises on malformed entries
+            index[leaf.path] = leaf
+        names = list(dict.fromkeys(g for leaf in items for g in leaf.groups))
+        writers = {g: tuple(leaf for leaf in items if leaf.output_group == g) for g in names}
+        readers = {g: tuple(leaf for leaf in items if g in leaf.input_groups) for g in names}
+        for g in names:
+            if not writers[g]:
+                raise SpecError(
+                    f"group {g!r} is read by {[leaf.path for leaf in readers[g]]} but no leaf writes "
+                    f"it (carries it on its last axis), so it has no incoming weights to align by"
+                )
+            if not readers[g]:
+                raise SpecError(
+                    f"group {g!r} is written by {[leaf.path for leaf in writers[g]]} but no leaf reads "
+                    f"it (carries it on an axis other than the last): permuting it would change the "
+                    f"outputs. A typo in a group name, or a residual branch given a group of its own "
+                    f"instead of the stream's, does this"
+                )
         object.__setattr__(self, "leaves", tuple(items))
-        _ = self.groups  # ordering raises on cycles and on groups nothing writes
+        object.__setattr__(self, "groups", _order(items, writers))
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_writers", writers)
+        object.__setattr__(self, "_readers", readers)
+        object.__setattr__(self, "_of", {g: tuple(l for l in items if g in l.groups) for g in names})
+        object.__setattr__(self, "_hash", hash(self.leaves))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Spec) and self.leaves == other.leaves
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        width = max((len(repr(leaf.path)) for leaf in self.leaves), default=0)
+        rows = [f"    {leaf.path!r:<{width}}: {leaf.axes!r}," for leaf in self.leaves]
+        return "Spec({\n" + "\n".join(rows) + f"\n}})  # groups in order: {', '.join(self.groups)}"
 
     def __getitem__(self, path: str) -> LeafSpec:
-        for leaf in self.leaves:
-            if leaf.path == path:
-                return leaf
-        raise KeyError(path)
+        return self._index[path]
 
     def __contains__(self, path: str) -> bool:
-        return any(leaf.path == path for leaf in self.leaves)
+        return path in self._index
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return tuple(leaf.path for leaf in self.leaves)
+        return tuple(self._index)
 
     def as_dict(self) -> dict[str, tuple[Entry, ...]]:
         return {leaf.path: leaf.axes for leaf in self.leaves}
 
     def writers(self, group: str) -> tuple[LeafSpec, ...]:
         """Leaves whose output group is ``group``: its incoming weights."""
-        return tuple(leaf for leaf in self.leaves if leaf.output_group == group)
+        return self._writers[group]
 
     def readers(self, group: str) -> tuple[LeafSpec, ...]:
         """Leaves that carry ``group`` on an input dim: its outgoing weights."""
-        return tuple(leaf for leaf in self.leaves if group in leaf.input_groups)
+        return self._readers[group]
 
     def leaves_of(self, group: str) -> tuple[LeafSpec, ...]:
-        return tuple(leaf for leaf in self.leaves if group in leaf.groups)
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        """Every group, each after the groups feeding it where the topology allows.
-
-        A residual stream feeds the blocks that write back into it, so streams make the
-        "feeds" relation cyclic. When no group has all its inputs solved, the next one is a
-        group with at least one writer whose inputs are all solved -- the stem or the
-        projection shortcut that opens the stream; its other writers join its support in a
-        second sweep (:class:`jfusion.Weights`). OTFusion likewise takes a stream's map from
-        its earliest layer.
-        """
-        names: list[str] = []
-        for leaf in self.leaves:
-            for g in leaf.groups:
-                if g not in names:
-                    names.append(g)
-        for g in names:
-            if not self.writers(g):
-                readers = [leaf.path for leaf in self.readers(g)]
-                raise SpecError(
-                    f"group {g!r} is read by {readers} but no leaf writes it (carries it on its "
-                    f"last axis), so it has no incoming weights to align by"
-                )
-
-        def inputs(leaf: LeafSpec, group: str) -> set[str]:
-            return {g for g in leaf.input_groups if g != group}
-
-        order: list[str] = []
-        while len(order) < len(names):
-            solved = set(order)
-            remaining = [g for g in names if g not in solved]
-            ready = [g for g in remaining if all(inputs(w, g) <= solved for w in self.writers(g))]
-            if not ready:
-                ready = [g for g in remaining if any(inputs(w, g) <= solved for w in self.writers(g))][:1]
-            if not ready:
-                waiting = {
-                    g: sorted(set().union(*(inputs(w, g) for w in self.writers(g))) - solved)
-                    for g in remaining
-                }
-                raise SpecError(f"groups feed each other in a cycle with no entry point: {waiting}")
-            order.extend(ready)
-        return tuple(order)
+        """Every leaf that carries ``group``."""
+        return self._of[group]
 
     def validate(self, shapes: Mapping[str, Sequence[int]], model: str = "model") -> dict[str, int]:
         """Check the spec against one model's ``{path: shape}``; return its group widths.
@@ -264,11 +302,11 @@ class Spec:
         pending = []
         for leaf in self.leaves:
             shape = tuple(shapes[leaf.path])
-            for axis, entry in enumerate(leaf.axes):
+            for axis, (entry, dims) in enumerate(zip(leaf.axes, leaf.axis_dims)):
                 if isinstance(entry, str):
                     record(entry, shape[axis], f"{leaf.path} axis {axis}")
                 elif isinstance(entry, (tuple, list)):
-                    pending.append((leaf, axis, tuple(entry), shape[axis]))
+                    pending.append((leaf, axis, dims, shape[axis]))
         while pending:
             progress, later = False, []
             for leaf, axis, dims, size in pending:
@@ -295,6 +333,9 @@ class Spec:
                     f"more than one unknown size; label the groups on other leaves too"
                 )
             pending = later
+        for group, width in widths.items():
+            if width == 0:
+                raise SpecError(f"{model}: group {group!r} has width 0 ({source[group]}); a group needs neurons")
         for leaf in self.leaves:
             leaf.view_shape(shapes[leaf.path], widths)  # inferred dims must divide evenly
         return widths

@@ -25,7 +25,7 @@ from jfusion.core.transport import GroupMap, transport_view
 
 
 @dataclasses.dataclass(frozen=True)
-class Weights:
+class ByWeights:
     """Align by weights.
 
     Attributes:
@@ -40,7 +40,7 @@ class Weights:
 
     def __post_init__(self):
         if self.sweeps < 1:
-            raise ValueError(f"Weights.sweeps must be >= 1, got {self.sweeps}")
+            raise ValueError(f"ByWeights.sweeps must be an int >= 1, got {self.sweeps!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _captured(intermediates: Mapping[str, Any], group: str, path: str) -> jax.Ar
 
 
 @dataclasses.dataclass(frozen=True)
-class Activations:
+class ByActivations:
     """Align by activations.
 
     Attributes:
@@ -118,7 +118,7 @@ class Activations:
         points: Mapping[str, str] | None = None,
         collection: str = "activations",
         **apply_kwargs: Any,
-    ) -> "Activations":
+    ) -> "ByActivations":
         """Activations of a linen module (see :class:`ModuleActivations`).
 
         ``apply_kwargs`` go to ``module.apply`` (e.g. ``train=False`` for BatchNorm models);
@@ -138,20 +138,21 @@ class Activations:
         )
 
 
-AlignmentMethod = Weights | Activations
+AlignmentMethod = ByWeights | ByActivations
 
 
 def resolve_alignment(alignment: str | AlignmentMethod) -> AlignmentMethod:
-    if isinstance(alignment, (Weights, Activations)):
+    """An alignment object from one or its name (``"weights"``)."""
+    if isinstance(alignment, (ByWeights, ByActivations)):
         return alignment
     if alignment == "weights":
-        return Weights()
+        return ByWeights()
     if alignment == "activations":
         raise ValueError(
             "alignment='activations' needs to know where each group's activations come from: "
-            "pass alignment=jfusion.Activations(fn) (reference models provide fn) and inputs=x"
+            "pass alignment=jfusion.ByActivations.from_module(model) (or ByActivations(fn)) and inputs=x"
         )
-    raise ValueError(f"alignment must be 'weights', Weights(...) or Activations(...), not {alignment!r}")
+    raise ValueError(f"alignment must be 'weights', ByWeights(...) or ByActivations(...), not {alignment!r}")
 
 
 def weight_support(
@@ -186,7 +187,7 @@ def weight_support(
         raise SpecError(
             f"group {group!r}: none of its incoming weights {[l.path for l in spec.writers(group)]} "
             f"can be compared before its own plan exists (they read the group itself); "
-            f"use Weights(sweeps=2) or activation alignment"
+            f"use ByWeights(sweeps=2) or activation alignment"
         )
     return jnp.concatenate(parts, axis=1)
 

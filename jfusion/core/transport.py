@@ -47,11 +47,6 @@ def group_map(plan: jax.Array) -> GroupMap:
     )
 
 
-def identity_map(n: int) -> GroupMap:
-    eye = jnp.eye(n, dtype=jnp.float32)
-    return GroupMap(eye, eye)
-
-
 def transport_view(
     v: jax.Array,
     leaf: LeafSpec,
@@ -92,8 +87,13 @@ def transport_model(
     maps: Mapping[str, GroupMap],
     widths: Mapping[str, int],
 ) -> dict[str, jax.Array]:
-    """Transport every leaf of one model with its group maps."""
-    return {leaf.path: transport_leaf(leaves[leaf.path], leaf, maps, widths) for leaf in spec_leaves}
+    """Transport every leaf of one model with its group maps; leaves no map moves stay as they are."""
+    return {
+        leaf.path: transport_leaf(leaves[leaf.path], leaf, maps, widths)
+        if any(g in maps for g in leaf.groups)
+        else leaves[leaf.path]
+        for leaf in spec_leaves
+    }
 
 
 def permute_groups(
@@ -111,9 +111,5 @@ def permute_groups(
     for group, perm in perms.items():
         matrix = jax.nn.one_hot(perm, widths[group], dtype=jnp.float32).T  # [old, new]
         maps[group] = GroupMap(matrix, matrix)
-    out = {}
-    for path, x in leaves.items():
-        leaf = spec[path]
-        moved = any(g in maps for g in leaf.groups)
-        out[path] = transport_leaf(x, leaf, maps, widths).astype(x.dtype) if moved else x
-    return out
+    moved = transport_model(leaves, spec.leaves, maps, widths)
+    return {path: moved[path].astype(jnp.result_type(x)) for path, x in leaves.items()}

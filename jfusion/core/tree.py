@@ -7,6 +7,7 @@ part of the name). The same strings address leaves in every Flax API.
 
 from __future__ import annotations
 
+import collections.abc
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -69,9 +70,17 @@ class ModelStack:
 
     ``stacked`` holds leaves with a leading K axis when every model has the same shapes
     (so per-model work can be ``vmap``ed); otherwise ``models`` holds one dict per model.
+    ``stack=False`` keeps a list of models apart even when their shapes agree (the tests
+    compare the two paths). ``dtypes[k]`` are model k's leaf dtypes as given (stacking
+    would promote them to a common one).
     """
 
-    def __init__(self, params_list: PyTree | Sequence[PyTree], what: str = "params_list"):
+    def __init__(self, params_list: PyTree | Sequence[PyTree], what: str = "params_list", stack: bool = True):
+        if isinstance(params_list, (str, bytes, collections.abc.Iterator)):
+            raise FusionInputError(
+                f"{what} must be a list of K pytrees or one pytree stacked along a leading K axis, "
+                f"not {type(params_list).__name__}; pass list(...) for a generator"
+            )
         if isinstance(params_list, (list, tuple)):
             if len(params_list) == 0:
                 raise FusionInputError(f"{what} is empty: fusion needs at least one model (K >= 1)")
@@ -79,6 +88,8 @@ class ModelStack:
             self.treedef = None
             for k, params in enumerate(params_list):
                 leaves, treedef = flatten(params)
+                if not leaves:
+                    raise FusionInputError(f"{what}[{k}] has no leaves: there is nothing to fuse")
                 if self.treedef is None:
                     self.treedef = treedef
                 elif treedef != self.treedef:
@@ -88,19 +99,20 @@ class ModelStack:
                     )
                 flats.append(leaves)
             self.num_models = len(flats)
+            self.dtypes = [{p: jnp.result_type(x) for p, x in flat.items()} for flat in flats]
             same_shapes = all(
                 np.shape(flat[p]) == np.shape(flats[0][p]) for flat in flats for p in flats[0]
             )
-            if same_shapes:
-                self.stacked = {p: jnp.stack([flat[p] for flat in flats]) for p in flats[0]}
+            if same_shapes and stack:
+                self.stacked = {p: jnp.stack([jnp.asarray(flat[p]) for flat in flats]) for p in flats[0]}
                 self.models = None
             else:
                 self.stacked = None
-                self.models = flats
+                self.models = [{p: jnp.asarray(x) for p, x in flat.items()} for flat in flats]
         else:
             leaves, self.treedef = flatten(params_list)
             if not leaves:
-                raise FusionInputError(f"{what} has no leaves")
+                raise FusionInputError(f"{what} has no leaves: there is nothing to fuse")
             sizes = {p: (np.shape(x)[0] if np.ndim(x) else None) for p, x in leaves.items()}
             first_path, num = next(iter(sizes.items()))
             for p, n in sizes.items():
@@ -113,17 +125,13 @@ class ModelStack:
             if num == 0:
                 raise FusionInputError(f"{what} has a model axis of size 0: fusion needs K >= 1")
             self.num_models = num
+            self.dtypes = [{p: jnp.result_type(x) for p, x in leaves.items()}] * num
             self.stacked = {p: jnp.asarray(x) for p, x in leaves.items()}
             self.models = None
 
     @property
     def paths(self) -> list[str]:
         return list(self.stacked if self.stacked is not None else self.models[0])
-
-    @property
-    def dtypes(self) -> dict[str, Any]:
-        leaves = self.stacked if self.stacked is not None else self.models[0]
-        return {p: jnp.result_type(x) for p, x in leaves.items()}
 
     def model(self, k: int) -> dict[str, Any]:
         """Model k's flat leaves."""
@@ -135,3 +143,17 @@ class ModelStack:
         if self.stacked is not None:
             return {p: tuple(np.shape(x)[1:]) for p, x in self.stacked.items()}
         return {p: tuple(np.shape(x)) for p, x in self.models[k].items()}
+
+
+def stack_models(params_list: Sequence[PyTree]) -> PyTree:
+    """K pytrees of one structure and shapes -> one pytree stacked along a leading K axis."""
+    models = ModelStack(list(params_list))
+    if models.stacked is None:
+        raise FusionInputError("stack_models needs models of equal shapes; these differ in widths")
+    return unflatten(models.treedef, models.stacked)
+
+
+def unstack_models(stacked: PyTree) -> list[PyTree]:
+    """One pytree stacked along a leading K axis -> a list of K pytrees."""
+    models = ModelStack(stacked, "stacked")
+    return [unflatten(models.treedef, models.model(k)) for k in range(models.num_models)]

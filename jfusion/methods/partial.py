@@ -5,41 +5,36 @@ Ensembles and Weight Aggregation", ICML 2026. With ``alpha`` the fraction of eve
 neurons kept *isolated* (per group), ``alpha = 0`` is OT fusion and ``alpha = 1`` the
 ensemble (a block-diagonal network whose logits are the weighted average of the models').
 
-Partial OT by a sink point: with ``s = alpha / (1 + alpha)``, marginals
-``a = [(1-s)/n, ..., s]``, ``b = [(1-s)/m, ..., s]`` and the cost extended by a sink
-row and column (neuron-sink cost 0, sink-sink ``max(C) + 1``), a fraction ``1 - alpha`` of
-each model's mass is transported between neurons; the neurons sending their mass to the
-sink -- the worst matched -- stay isolated. Solved exactly, this is the best matching of
-``r = n - round(alpha n)`` pairs, found by the Hungarian algorithm on the cost padded with
-``n - r`` (and ``m - r``) zero-cost sink copies; with Sinkhorn, the ``round(alpha n)``
-neurons sending most mass to the sink are isolated and a neuron split between both keeps
-both shares.
+Partial OT is what every solver offers (``solver.partial``, see
+:mod:`jfusion.core.solvers`): a fraction ``1 - alpha`` of each model's mass is transported
+between neurons and the rest goes to a sink; the neurons sending their mass to the sink --
+the worst matched -- stay isolated. Solved exactly, this is the best matching of
+``n - round(alpha n)`` pairs; with Sinkhorn (the sink-point formulation), the
+``round(alpha n)`` neurons sending most mass to the sink are isolated and a neuron split
+between both keeps both shares.
 
-Every model is aligned onto the target model (for K = 2 the paper's B). The fused group is
-laid out ``[fused | isolated of model 0 | ... | isolated of model K-1]``: a target neuron no
-other model matched is the target's own isolated neuron. A slot reached by several models
+Every model is aligned onto the target model (``target``, default 0). The fused group is
+laid out ``[fused | isolated of each other model, in order]``: a target neuron no other
+model matched is the target's own isolated neuron. A slot reached by several models
 averages them with their model weights; an isolated slot keeps its model's neuron with
-weight 1; the logits are the weighted average. These are plan producers on jfusion's shared
-transport and combine, not a parallel implementation: ``alpha = 0`` is exactly
-:func:`jfusion.fuse`.
+weight 1; the logits are the weighted average. This is a plan producer on jfusion's shared
+engine, not a parallel implementation: ``alpha = 0`` is exactly :func:`jfusion.fuse`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jfusion.core.align import prepare, solve_balanced
-from jfusion.core.costs import GroundMetric
+from jfusion.core.align import prepare, run
+from jfusion.core.costs import GroundMetric, resolve_metric
 from jfusion.core.errors import FusionInputError
-from jfusion.evaluate import TrainApply
-from jfusion.methods.fuse import fuse_problem, received_mass
-from jfusion.core.solvers import Exact, OTResult, Solver
+from jfusion.core.plans import solve_balanced
+from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import AlignmentMethod
 from jfusion.core.transport import permute_groups
@@ -51,86 +46,55 @@ def isolated_count(alpha: float, width: int) -> int:
     return int(round(alpha * width))
 
 
-def partial_assignment(cost: jax.Array, matched: int) -> tuple[jax.Array, jax.Array]:
-    """Exact partial OT with unit masses: the cheapest matching of ``matched`` pairs.
-
-    Returns ``(plan, sink)``: ``plan (n, m)`` has ``1/N`` on the matched pairs
-    (``N = n + m - matched``) and ``sink (n,)`` has ``1/N`` for the unmatched source
-    neurons. Unmatched rows take zero-cost sink columns and unmatched columns zero-cost sink
-    rows; sink-to-sink costs ``max(C) + 1``, so exactly ``matched`` real pairs are formed.
-    """
-    n, m = cost.shape
-    if not 0 <= matched <= min(n, m):
-        raise FusionInputError(f"cannot match {matched} pairs between {n} and {m} neurons")
-    size = n + m - matched
-    if matched == 0:
-        return jnp.zeros((n, m), cost.dtype), jnp.full((n,), 1.0 / size, cost.dtype)
-    padded = jnp.zeros((size, size), cost.dtype)
-    padded = padded.at[:n, :m].set(cost).at[n:, m:].set(jnp.max(cost) + 1.0)
-    rows, cols = optax.assignment.hungarian_algorithm(padded)
-    full = jnp.zeros((size, size), cost.dtype).at[rows, cols].set(1.0 / size)
-    return full[:n, :m], full[:n, m:].sum(axis=1)
-
-
-def partial_sinkhorn(solver: Solver, cost: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array, OTResult]:
-    """The sink-point partial OT problem solved by ``solver``: ``(plan, sink, result)``."""
-    n, m = cost.shape
-    s = alpha / (1.0 + alpha)
-    a = jnp.concatenate([jnp.full((n,), (1.0 - s) / n), jnp.array([s])])
-    b = jnp.concatenate([jnp.full((m,), (1.0 - s) / m), jnp.array([s])])
-    extended = jnp.zeros((n + 1, m + 1), cost.dtype).at[:n, :m].set(cost).at[n, m].set(jnp.max(cost) + 1.0)
-    result = solver(extended, a, b)
-    return result.plan[:n, :m], result.plan[:n, m], result
-
-
 @dataclasses.dataclass(frozen=True)
 class PartialPlans:
     """Plan producer of partial fusion (see the module docstring).
 
     Attributes:
+      solver, metric: how each model's neurons are matched to the target's.
       alphas: ``(group, alpha)`` pairs.
-      isolated: ``(group, counts)``: isolated neurons of each aligned model, in order.
-      target_widths: ``(group, m)``: the target's widths.
+      isolated: ``(group, counts)``: the isolated neurons of every model, in model order
+        (0 for the target, whose unmatched neurons keep their own slots).
     """
 
+    solver: Solver
+    metric: GroundMetric
     alphas: tuple[tuple[str, float], ...]
     isolated: tuple[tuple[str, tuple[int, ...]], ...]
-    target_widths: tuple[tuple[str, int], ...]
 
-    def out_width(self, group: str) -> int:
-        return dict(self.target_widths)[group] + sum(dict(self.isolated)[group])
+    def output_width(self, group: str, reference_width: int) -> int:
+        return reference_width + sum(dict(self.isolated)[group])
 
-    def solve(self, solver: Solver, group: str, cost: jax.Array, position: Any) -> OTResult:
-        n, m = cost.shape
-        alpha = dict(self.alphas)[group]
-        counts = dict(self.isolated)[group]
-        num_isolated = isolated_count(alpha, n)
+    def reference_plan(self, group: str, support: jax.Array) -> OTResult | None:
+        m = support.shape[0]
+        if self.output_width(group, m) == m:
+            return None
+        plan = jnp.zeros((m, self.output_width(group, m)), jnp.float32).at[:, :m].set(jnp.eye(m))
+        return OTResult(plan, jnp.zeros((), jnp.float32), jnp.ones((), bool), jnp.zeros((), jnp.int32))
+
+    def plan(self, group: str, support: jax.Array, reference_support: jax.Array, model: jax.Array) -> OTResult:
+        n, m = support.shape[0], reference_support.shape[0]
+        num_isolated = isolated_count(dict(self.alphas)[group], n)
         # Plans are scaled so a target neuron's full mass is 1: what a model sends to a
         # slot is then the share of it that model fills (see ``coverage``).
         if num_isolated == 0:
-            result = solve_balanced(solver, group, cost)
-            plan, sink = result.plan * m, jnp.zeros((n,), cost.dtype)
-        elif isinstance(solver, Exact):
-            plan, sink = partial_assignment(cost, n - num_isolated)
-            size = n + m - (n - num_isolated)
-            plan, sink = plan * size, sink * size
-            result = OTResult(plan, jnp.sum(plan * cost) / size, jnp.ones((), bool), jnp.zeros((), jnp.int32))
+            result = solve_balanced(self.solver, self.metric, group, support, reference_support)
+            plan, sink = result.plan * m, jnp.zeros((n,), jnp.float32)
         else:
-            plan, sink, result = partial_sinkhorn(solver, cost, alpha)
-            scale = m * (1.0 + alpha)  # a target neuron's mass is (1 - s) / m = 1 / (m (1 + alpha))
-            plan, sink = plan * scale, sink * scale
+            try:
+                result, sink = self.solver.partial(self.metric(support, reference_support), num_isolated)
+            except FusionInputError as err:
+                raise FusionInputError(f"group {group!r}: {err}") from None
+            plan = result.plan
         # The neurons sending most mass to the sink take this model's isolated slots.
         _, chosen = jax.lax.top_k(sink, num_isolated)
         chosen = jnp.sort(chosen)
         block = jnp.zeros((n, num_isolated), plan.dtype).at[chosen, jnp.arange(num_isolated)].set(sink[chosen])
-        offset = m + jnp.asarray(np.concatenate([[0], np.cumsum(counts)]), jnp.int32)[position]
-        full = jnp.zeros((n, self.out_width(group)), plan.dtype).at[:, :m].set(plan)
+        counts = dict(self.isolated)[group]
+        offset = m + jnp.asarray(np.concatenate([[0], np.cumsum(counts)]), jnp.int32)[model]
+        full = jnp.zeros((n, self.output_width(group, m)), plan.dtype).at[:, :m].set(plan)
         full = jax.lax.dynamic_update_slice(full, block, (0, offset))
-        return OTResult(full, result.cost, result.converged, result.iterations)
-
-    def target_result(self, group: str, width: int) -> OTResult:
-        plan = jnp.zeros((width, self.out_width(group)), jnp.float32).at[:, :width].set(jnp.eye(width))
-        return OTResult(plan, jnp.zeros((), jnp.float32), jnp.ones((), bool), jnp.zeros((), jnp.int32))
+        return result._replace(plan=full)
 
     def coverage(self, group: str, received: jax.Array) -> jax.Array:
         if sum(dict(self.isolated)[group]) == 0:
@@ -146,6 +110,7 @@ class PartialFusion(NamedTuple):
 
     Attributes:
       params: the fused pytree; group ``g`` has ``m_g + sum_k round(alpha_g n_k)`` neurons.
+      plans: ``{group: OTResult}``, as :class:`jfusion.Fusion`'s (slots before reordering).
       owners: ``{group: (width,) int}``: -1 for a neuron fused from several models, else
         the model whose isolated neuron it is; ordered ``[fused | model 0 | model 1 | ...]``.
       num_parameters: total parameter count of ``params``.
@@ -153,6 +118,7 @@ class PartialFusion(NamedTuple):
     """
 
     params: PyTree
+    plans: dict[str, OTResult]
     owners: dict[str, jax.Array]
     num_parameters: jax.Array
     num_nonzero: jax.Array
@@ -181,13 +147,12 @@ def partial_fuse(
     spec: Spec,
     alpha: float | Mapping[str, float],
     *,
-    solver: Solver = Exact(),
+    solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
-    metric: GroundMetric = GroundMetric(),
-    weights: jax.Array | Sequence[float] | None = None,
-    target: int = -1,
+    metric: str | GroundMetric = "euclidean",
+    model_weights: jax.Array | Sequence[float] | None = None,
+    target: int = 0,
     inputs: jax.Array | None = None,
-    recalibrate: tuple[TrainApply, jax.Array] | None = None,
 ) -> PartialFusion:
     """Fuse the most similar neurons of K models and keep a fraction ``alpha`` of each isolated.
 
@@ -200,47 +165,45 @@ def partial_fuse(
 
     Args: as :func:`jfusion.fuse`, plus
       alpha: the isolated fraction, one value or ``{group: alpha}`` (missing groups: 0).
-      target: index of the model the others are aligned onto (default: the last, the
-        paper's B).
+      target: index of the model the others are aligned onto (default 0, as everywhere).
 
     Returns:
-      A :class:`PartialFusion` with the fused params, each slot's owner and the parameter
-      counts.
+      A :class:`PartialFusion` with the fused params, its plans, each slot's owner and the
+      parameter counts.
     """
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
         raise FusionInputError("partial fusion aligns onto one of the models: target must be a model index")
     alphas = _alphas(alpha, spec)
-    problem = prepare(params_list, spec, solver, alignment, metric, target, inputs)
-    models = problem.models
-    widths = [spec.validate(models.shapes(k), f"model {k}") for k in range(models.num_models)]
-    others = [k for k in range(models.num_models) if k != problem.target_index]
-    target_widths = widths[problem.target_index]
+    solver, metric = resolve_solver(solver), resolve_metric(metric)
+    # Widths first, then the producer they decide.
+    shape_problem = prepare(params_list, spec, None, alignment=alignment, target=target, inputs=inputs)
+    config = shape_problem.config
+    widths = [dict(w) for w in config.model_widths]
+    reference = config.reference
+    counts = {
+        g: tuple(0 if k == reference else isolated_count(alphas[g], widths[k][g]) for k in range(len(widths)))
+        for g in spec.groups
+    }
     for g in spec.groups:
-        for k in others:
-            fused_count = widths[k][g] - isolated_count(alphas[g], widths[k][g])
-            if fused_count > target_widths[g]:
+        for k, count in enumerate(counts[g]):
+            if k != reference and widths[k][g] - count > widths[reference][g]:
                 raise FusionInputError(
-                    f"group {g!r}: model {k} would fuse {fused_count} neurons onto the target's "
-                    f"{target_widths[g]}; raise alpha or choose a wider target"
+                    f"group {g!r}: model {k} would fuse {widths[k][g] - count} neurons onto the target's "
+                    f"{widths[reference][g]}; raise alpha or choose a wider target"
                 )
-    plans = PartialPlans(
-        alphas=tuple(alphas.items()),
-        isolated=tuple((g, tuple(isolated_count(alphas[g], widths[k][g]) for k in others)) for g in spec.groups),
-        target_widths=tuple(target_widths.items()),
-    )
-    problem = dataclasses.replace(problem, config=dataclasses.replace(problem.config, plans=plans))
-    fused, results = fuse_problem(problem, weights, recalibrate)
-    received = received_mass(results, spec.groups)
+    producer = PartialPlans(solver, metric, tuple(alphas.items()), tuple(counts.items()))
+    problem = shape_problem.with_producer(producer)
+    fused, out = run(problem, model_weights)
     # Put every group's slots in the order [fused | isolated of model 0 | model 1 | ...].
-    owners = {g: _owners(plans.coverage(g, received[g])) for g in spec.groups}
+    owners = {g: _owners(producer.coverage(g, out.received[g])) for g in spec.groups}
     orders = {g: jnp.argsort(owners[g], stable=True) for g in spec.groups}
     leaves, treedef = flatten(fused)
-    widths = spec.validate({p: x.shape for p, x in leaves.items()})
-    fused = unflatten(treedef, permute_groups(leaves, spec, orders, widths))
+    fused = unflatten(treedef, permute_groups(leaves, spec, orders, problem.config.output_widths))
     owners = {g: owners[g][orders[g]] for g in spec.groups}
     leaves = jax.tree.leaves(fused)
     return PartialFusion(
         fused,
+        out.plans,
         owners,
         jnp.asarray(sum(int(np.prod(x.shape)) for x in leaves)),
         sum(jnp.count_nonzero(x) for x in leaves),

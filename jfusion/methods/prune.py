@@ -9,35 +9,32 @@ special cases of such a plan. Applied to the block-diagonal ensemble network
 (:func:`jfusion.partial_fuse` with ``alpha = 1``) it gives the partial-fusion trade-off;
 applied to one network it compresses it.
 
-Clusters are found group by group in topological order on the same supports as alignment
-(incoming weights after the already-clustered input groups are merged, or activations):
+A plan producer on the shared engine whose reference is the network itself: clusters are
+found group by group in topological order on the same supports as alignment (incoming
+weights after the already-clustered input groups are merged, or activations -- with every
+option of :class:`jfusion.ByWeights` and :class:`jfusion.ByActivations`):
 Lloyd's k-means from farthest-point seeds (the first seed is the largest-norm neuron).
 Structured pruning keeps the neurons with the largest L1 norm of incoming weights
 (Li et al. 2017; OTFusion §5.2 then fuses the dense model into the pruned one:
-``fuse([pruned, dense], spec, target=0, solver=Sinkhorn())``).
+``fuse([pruned, dense], spec, target=0, solver="sinkhorn")``).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Literal, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jfusion.core.align import prepare, run
 from jfusion.core.costs import GroundMetric
 from jfusion.core.errors import FusionInputError
+from jfusion.core.solvers import OTResult
 from jfusion.core.spec import Spec
-from jfusion.core.support import (
-    Activations,
-    AlignmentMethod,
-    activation_support,
-    resolve_alignment,
-    weight_support,
-)
-from jfusion.core.transport import group_map, transport_model
-from jfusion.core.tree import PyTree, flatten, unflatten
+from jfusion.core.support import AlignmentMethod
+from jfusion.core.tree import PyTree
+from jfusion.methods.fuse import Fusion
 
 
 def _sq_distances(x: jax.Array, centers: jax.Array) -> jax.Array:
@@ -94,6 +91,31 @@ def cluster_plan(support: jax.Array, width: int, method: str, iterations: int) -
     return jax.nn.one_hot(kmeans(support, width, iterations), width, dtype=jnp.float32) / n
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterPlans:
+    """Generalized pruning's producer: the reference's own neurons clustered into ``widths``.
+
+    Its only model is the reference, so :meth:`plan` is never asked for.
+    """
+
+    widths: tuple[tuple[str, int], ...]
+    method: Literal["merge", "delete"] = "merge"
+    iterations: int = 20
+
+    def output_width(self, group: str, reference_width: int) -> int:
+        return dict(self.widths)[group]
+
+    def reference_plan(self, group: str, support: jax.Array) -> OTResult:
+        plan = cluster_plan(support, dict(self.widths)[group], self.method, self.iterations)
+        return OTResult(plan, jnp.zeros((), jnp.float32), jnp.ones((), bool), jnp.zeros((), jnp.int32))
+
+    def plan(self, group: str, support: jax.Array, reference_support: jax.Array, model: jax.Array) -> OTResult:
+        raise NotImplementedError("pruning has one model, the reference; it has no other plans")
+
+    def coverage(self, group: str, received: jax.Array) -> jax.Array:
+        return jnp.ones_like(received)
+
+
 def _widths(widths: Mapping[str, int] | float, current: Mapping[str, int], spec: Spec) -> dict[str, int]:
     if not isinstance(widths, Mapping):
         if not 0.0 < float(widths) <= 1.0:
@@ -118,7 +140,7 @@ def prune(
     iterations: int = 20,
     alignment: str | AlignmentMethod = "weights",
     inputs: jax.Array | None = None,
-) -> PyTree:
+) -> Fusion:
     """Compress one network to ``widths`` by merging similar neurons or deleting weak ones.
 
     Args:
@@ -130,39 +152,19 @@ def prune(
         outgoing weights summed; ``"delete"``: keep the neurons whose supports have the
         largest L1 norm -- incoming weights (structured pruning), or activations.
       iterations: Lloyd iterations of ``"merge"``.
-      alignment: the supports clustered: ``"weights"`` or :class:`jfusion.Activations`.
+      alignment: the supports clustered: ``"weights"``, :class:`jfusion.ByWeights` (e.g.
+        ``sweeps=2`` for residual streams and recurrent kernels) or
+        :class:`jfusion.ByActivations`.
       inputs: the batch for activation supports.
 
     Returns:
-      The compressed pytree (same structure, smaller groups). Jitted; pure.
+      A :class:`jfusion.Fusion`: the compressed pytree (same structure, smaller groups)
+      and each group's cluster plan (with a leading axis of one model). Jitted; pure.
     """
     if method not in ("merge", "delete"):
         raise FusionInputError(f"method must be 'merge' or 'delete', not {method!r}")
-    leaves, treedef = flatten(params)
-    current = spec.validate({p: np.shape(x) for p, x in leaves.items()}, "params")
-    new_widths = _widths(widths, current, spec)
-    alignment = resolve_alignment(alignment)
-    if isinstance(alignment, Activations) and inputs is None:
-        raise FusionInputError("activation supports need inputs=x, a batch to compute activations on")
-    pruned = _prune(
-        spec, treedef, tuple(sorted(new_widths.items())), method, iterations, alignment,
-        {p: jnp.asarray(x) for p, x in leaves.items()}, inputs,
-    )
-    return unflatten(treedef, {p: pruned[p].astype(jnp.result_type(x)) for p, x in leaves.items()})
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _prune(spec, treedef, new_widths, method, iterations, alignment, leaves, inputs):
-    new_widths = dict(new_widths)
-    widths = spec.validate({p: x.shape for p, x in leaves.items()})
-    activations = (
-        dict(alignment.fn(unflatten(treedef, leaves), inputs)) if isinstance(alignment, Activations) else None
-    )
-    maps = {}
-    for group in spec.groups:
-        if activations is not None:
-            support = activation_support(activations, group, widths[group])
-        else:
-            support = weight_support(leaves, spec, group, widths, maps, set(maps), alignment.outgoing)
-        maps[group] = group_map(cluster_plan(support, new_widths[group], method, iterations))
-    return transport_model(leaves, spec.leaves, maps, widths)
+    problem = prepare([params], spec, None, alignment=alignment, target=0, inputs=inputs)
+    current = dict(problem.config.reference_widths)
+    producer = ClusterPlans(tuple(_widths(widths, current, problem.config.spec).items()), method, int(iterations))
+    fused, out = run(problem.with_producer(producer))
+    return Fusion(fused, out.plans)

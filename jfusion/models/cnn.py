@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from jfusion.core.spec import Spec
+from jfusion.models.sow import record_activations
 
 
 class CNN(nn.Module):
@@ -48,10 +49,6 @@ class CNN(nn.Module):
         positions = (hw[0] // shrink) * (hw[1] // shrink)
         return cnn_spec(len(self.conv_features), len(self.dense_features), positions)
 
-    def _record(self, group: str, x: jax.Array) -> None:
-        # Sown only when applying: init must return parameters alone.
-        if not self.is_initializing():
-            self.sow("activations", group, x)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,13 +59,13 @@ class CNN(nn.Module):
             raise ValueError(f"this CNN was declared for {hw} images (image_size); got {tuple(x.shape[1:3])}")
         for i, width in enumerate(self.conv_features):
             x = nn.Conv(width, (3, 3), name=f"Conv_{i}")(x)
-            self._record(f"c{i}", x)
+            record_activations(self, f"c{i}", x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for j, width in enumerate(self.dense_features):
             x = nn.Dense(width, name=f"Dense_{j}")(x)
             if j < len(self.dense_features) - 1:
-                self._record(f"f{j}", x)
+                record_activations(self, f"f{j}", x)
                 x = nn.relu(x)
         return x
 

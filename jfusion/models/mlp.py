@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from jfusion.core.spec import Spec
+from jfusion.models.sow import record_activations
 
 
 class MLP(nn.Module):
@@ -24,10 +25,6 @@ class MLP(nn.Module):
         """This model's Spec (see :func:`mlp_spec`)."""
         return mlp_spec(len(self.features), bias=self.use_bias)
 
-    def _record(self, group: str, x: jax.Array) -> None:
-        # Sown only when applying: init must return parameters alone.
-        if not self.is_initializing():
-            self.sow("activations", group, x)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -35,7 +32,7 @@ class MLP(nn.Module):
         for i, width in enumerate(self.features):
             x = nn.Dense(width, use_bias=self.use_bias, name=f"Dense_{i}")(x)
             if i < len(self.features) - 1:
-                self._record(f"h{i}", x)
+                record_activations(self, f"h{i}", x)
                 x = nn.relu(x)
         return x
 

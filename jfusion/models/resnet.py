@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jfusion.core.spec import Spec
+from jfusion.models.sow import record_activations
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
@@ -47,9 +48,6 @@ class BasicBlock(nn.Module):
     inner_group: str = "h"
     stream_group: str = "s"
 
-    def _record(self, group: str, x: jax.Array) -> None:
-        if not self.is_initializing():
-            self.sow("activations", group, x)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -65,7 +63,7 @@ class BasicBlock(nn.Module):
 
         y = conv(self.features, 3, self.strides, "conv1")(x)
         y = _batch_norm(train, "bn1")(y)
-        self._record(self.inner_group, y)
+        record_activations(self, self.inner_group, y)
         y = nn.relu(y)
         y = conv(self.features, 3, 1, "conv2")(y)
         y = _batch_norm(train, "bn2")(y)
@@ -73,7 +71,7 @@ class BasicBlock(nn.Module):
             x = conv(self.features, 1, self.strides, "proj_conv")(x)
             x = _batch_norm(train, "proj_bn")(x)
         y = y + x
-        self._record(self.stream_group, y)
+        record_activations(self, self.stream_group, y)
         return nn.relu(y)
 
 
@@ -99,9 +97,6 @@ class ResNet(nn.Module):
     stem_width: Optional[int] = None  # defaults to stage_widths[0]
     num_classes: int = 10
 
-    def _record(self, group: str, x: jax.Array) -> None:
-        if not self.is_initializing():
-            self.sow("activations", group, x)
 
     def spec(self) -> Spec:
         """This model's Spec (see :func:`resnet_spec`)."""
@@ -119,7 +114,7 @@ class ResNet(nn.Module):
         stem_width = self.stem_width or self.stage_widths[0]
         x = nn.Conv(stem_width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
         x = _batch_norm(train, "stem_bn")(x)
-        self._record(_stem_group(self.stage_sizes, self.stage_widths, self.stem_width), x)
+        record_activations(self, _stem_group(self.stage_sizes, self.stage_widths, self.stem_width), x)
         x = nn.relu(x)
         for s, (blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for b in range(blocks):

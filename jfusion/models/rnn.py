@@ -4,9 +4,9 @@ A recurrent layer's hidden units are one neuron group: the input-to-hidden kerne
 biases write into it, and the hidden-to-hidden kernels carry it on *both* axes, so a
 permutation of the hidden units permutes that square matrix's rows and columns alike (and
 an LSTM's cell state with them). Akash et al. (2022) align these units with the
-hidden-to-hidden weights in the cost; with :class:`jfusion.Weights` the first sweep matches
+hidden-to-hidden weights in the cost; with :class:`jfusion.ByWeights` the first sweep matches
 on the input-to-hidden weights (the recurrent kernel reads the group being solved) and
-``Weights(sweeps=2)`` adds the recurrent kernels, transported by the first sweep's plan.
+``ByWeights(sweeps=2)`` adds the recurrent kernels, transported by the first sweep's plan.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 
 from jfusion.core.spec import Spec
+from jfusion.models.sow import record_activations
 
 CellKind = Literal["simple", "lstm", "gru"]
 CELL_KINDS: tuple[str, ...] = ("simple", "lstm", "gru")
@@ -60,9 +61,7 @@ class RecurrentClassifier(nn.Module):
         x = x.reshape((x.shape[0], x.shape[1], -1))
         for i, width in enumerate(self.hidden):
             x = nn.RNN(_CELLS[self.cell](width, name=f"Recurrent_{i}"))(x)
-            # Sown only when applying: init must return parameters alone.
-            if not self.is_initializing():
-                self.sow("activations", f"r{i}", x)
+            record_activations(self, f"r{i}", x)
         return nn.Dense(self.num_classes, name="Dense_0")(x[:, -1])
 
 

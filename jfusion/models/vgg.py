@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jfusion.core.spec import Spec
+from jfusion.models.sow import record_activations
 
 Layer = Union[int, str]
 
@@ -50,10 +51,6 @@ class VGG(nn.Module):
     use_bias: bool = True
     width: float = 1.0
 
-    def _record(self, group: str, x: jax.Array) -> None:
-        # Sown only when applying: init must return parameters alone.
-        if not self.is_initializing():
-            self.sow("activations", group, x)
 
     def spec(self) -> Spec:
         """This model's Spec (see :func:`vgg_spec`)."""
@@ -75,7 +72,7 @@ class VGG(nn.Module):
                 x = nn.BatchNorm(
                     use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"BatchNorm_{i}"
                 )(x)
-            self._record(f"c{i}", x)
+            record_activations(self, f"c{i}", x)
             x = nn.relu(x)
             i += 1
         x = jnp.mean(x, axis=(1, 2))

@@ -41,13 +41,13 @@ from jfusion.workflow.data import (
 )
 from jfusion.workflow.demo import run_demo
 from jfusion.core.errors import JFusionError
-from jfusion.evaluate import TrainApply
+from jfusion.evaluate import TrainApply, recalibrate_batch_stats
 from jfusion.methods.fuse import fuse
 from jfusion.models.registry import MODELS, build_model, describe, from_metadata, model_arguments
 from jfusion.models.rnn import CELL_KINDS
 from jfusion.core.solvers import Exact, Sinkhorn, Solver
 from jfusion.core.spec import Spec
-from jfusion.core.support import Activations, Weights
+from jfusion.core.support import ByActivations, ByWeights
 from jfusion.workflow.train import evaluate, evaluate_models, takes_train, train_models
 
 # Model constructor arguments settable by flags of the same name (--num-classes ...).
@@ -259,8 +259,8 @@ def _fusion_data(args: argparse.Namespace, first: Checkpoint) -> DatasetSplits:
 
 def _activation_alignment(
     args: argparse.Namespace, module: nn.Module, loaded: Sequence[Checkpoint], data: DatasetSplits
-) -> tuple[Activations, np.ndarray]:
-    """``Activations`` of the rebuilt module, and ``--samples`` shuffled training images."""
+) -> tuple[ByActivations, np.ndarray]:
+    """``ByActivations`` of the rebuilt module, and ``--samples`` shuffled training images."""
     first = _model_of(loaded[0])
     for path, checkpoint in zip(args.checkpoints, loaded):
         if _model_of(checkpoint) != first:
@@ -271,13 +271,13 @@ def _activation_alignment(
     # Inference mode for models that have one (BatchNorm running averages).
     kwargs = {"train": False} if takes_train(module, loaded[0].variables) else {}
     inputs = next(batches(data.train_images, data.train_labels, args.samples, seed=args.seed))[0]
-    return Activations.from_module(module, **kwargs), inputs
+    return ByActivations.from_module(module, **kwargs), inputs
 
 
 def _recalibration(
     args: argparse.Namespace, module: nn.Module, variables: Any, data: DatasetSplits
 ) -> tuple[TrainApply, np.ndarray]:
-    """``fuse``'s ``recalibrate`` argument: training-mode apply and ``--recalibrate`` batches."""
+    """What :func:`jfusion.recalibrate_batch_stats` takes: training-mode apply and ``--recalibrate`` batches."""
     if "batch_stats" not in variables:
         raise UsageError("--recalibrate recomputes BatchNorm statistics, but the models have no batch_stats")
     shuffled = batches(data.train_images, data.train_labels, args.batch_size, seed=args.seed, drop_last=True)
@@ -317,7 +317,7 @@ def _run_fuse(args: argparse.Namespace) -> None:
     if by_activations or args.recalibrate or args.evaluate:
         data = _fusion_data(args, loaded[0])
         module = from_metadata(loaded[target].metadata)  # the fused model has the target's architecture
-    alignment, inputs = Weights(sweeps=args.sweeps), None
+    alignment, inputs = ByWeights(sweeps=args.sweeps), None
     if by_activations:
         alignment, inputs = _activation_alignment(args, module, loaded, data)
     recalibrate = _recalibration(args, module, loaded[target].variables, data) if args.recalibrate else None
@@ -329,11 +329,13 @@ def _run_fuse(args: argparse.Namespace) -> None:
         spec,
         solver=solver,
         alignment=alignment,
-        weights=args.weights,
+        model_weights=args.weights,
         target=target,
         inputs=inputs,
-        recalibrate=recalibrate,
-    )
+    ).params
+    if recalibrate is not None:
+        train_apply, recalibration_batches = recalibrate
+        fused = recalibrate_batch_stats(train_apply, fused, recalibration_batches)
     jax.block_until_ready(fused)
     _log(f"fused in {time.perf_counter() - start:.1f} s (including compilation)")
 

@@ -22,12 +22,12 @@ import numpy as np
 
 from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.workflow.data import load_dataset
-from jfusion.methods.fuse import barycenter_fuse, fuse
+from jfusion.methods.barycenter import barycenter_fuse
+from jfusion.methods.fuse import fuse
 from jfusion.methods.partial import partial_fuse
 from jfusion.models import MLP, mlp_spec
-from jfusion.core.solvers import Exact, Sinkhorn
 from jfusion.core.spec import Spec
-from jfusion.core.support import Activations
+from jfusion.core.support import ByActivations
 from jfusion.workflow.train import evaluate, train_models
 from jfusion.core.tree import PyTree
 
@@ -37,14 +37,14 @@ from jfusion.core.tree import PyTree
 FusionMethod = Callable[[MLP, PyTree, Spec, jax.Array], PyTree]
 
 FUSION_METHODS: tuple[tuple[str, FusionMethod], ...] = (
-    ("vanilla average", lambda module, models, spec, inputs: vanilla_average(models)),
-    ("OT fusion (exact)", lambda module, models, spec, inputs: fuse(models, spec, solver=Exact())),
-    ("OT fusion (Sinkhorn)", lambda module, models, spec, inputs: fuse(models, spec, solver=Sinkhorn())),
+    ("vanilla average", lambda module, models, spec, inputs: vanilla_average(models).params),
+    ("OT fusion (exact)", lambda module, models, spec, inputs: fuse(models, spec, solver="exact").params),
+    ("OT fusion (Sinkhorn)", lambda module, models, spec, inputs: fuse(models, spec, solver="sinkhorn").params),
     (
         "OT fusion (activations)",
         lambda module, models, spec, inputs: fuse(
-            models, spec, alignment=Activations.from_module(module), inputs=inputs
-        ),
+            models, spec, alignment=ByActivations.from_module(module), inputs=inputs
+        ).params,
     ),
     ("barycenter fusion", lambda module, models, spec, inputs: barycenter_fuse(models, spec).params),
     ("partial fusion a=0.5", lambda module, models, spec, inputs: partial_fuse(models, spec, 0.5).params),
