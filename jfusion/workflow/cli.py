@@ -218,8 +218,8 @@ class Checkpoint(NamedTuple):
 
 
 def _load(directory: str) -> Checkpoint:
-    if not Path(directory).is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    # load_checkpoint says what is missing or damaged (FileNotFoundError, CheckpointError), and
+    # first completes a save killed mid-swap, which a check for the directory here would miss.
     return Checkpoint(*load_checkpoint(directory))
 
 
