@@ -123,6 +123,7 @@ def test_recalibration_gives_the_exact_mean_of_batch_statistics_and_touches_noth
         jfusion.recalibrate_batch_stats(train_apply, {"params": variables["params"]}, batches)
 
 
+@pytest.mark.slow
 def test_recalibration_after_fusing_batchnorm_networks_trained_on_digits_restores_accuracy():
     data = load_dataset("digits")
     model = VGG(features=(16, "M", 32), batch_norm=True)

@@ -148,14 +148,15 @@ def test_an_edited_sidecar_is_found(tmp_path):
 
 
 def test_version_1_checkpoints_load_unverified(tmp_path):
-    variables = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
-    path = save_checkpoint(tmp_path / "ckpt", variables, Spec({"params/w": (None, "h")}), metadata={"m": 1})
+    variables = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "v": np.ones((3, 1), np.float32)}}
+    small = Spec({"params/w": (None, "h"), "params/v": ("h", None)})
+    path = save_checkpoint(tmp_path / "ckpt", variables, small, metadata={"m": 1})
     sidecar = json.loads((path / "jfusion.json").read_text())
     version_1 = {**{key: sidecar[key] for key in ("format", "spec", "metadata")}, "version": 1}
     (path / "jfusion.json").write_text(json.dumps(version_1))
     loaded, spec, metadata = load_checkpoint(path)
     assert_bit_exact(loaded, variables)
-    assert spec == Spec({"params/w": (None, "h")}) and metadata == {"m": 1}
+    assert spec == small and metadata == {"m": 1}
 
 
 def resigned(document):

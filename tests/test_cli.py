@@ -18,6 +18,8 @@ from jfusion.workflow.data import batches, load_dataset
 from jfusion.models import MLP, describe, from_metadata
 from jfusion.workflow.train import evaluate
 
+pytestmark = pytest.mark.slow  # end to end: trains models
+
 FEATURES = ["16", "16", "10"]
 
 
@@ -159,6 +161,8 @@ BAD_INPUTS = {
     "epsilon-exact": "--epsilon is Sinkhorn's regularisation",
     "zero-sweeps": "--sweeps must be at least 1, not 0",
     "sweeps-activations": "--sweeps is for weight alignment",
+    "zero-samples": "--samples must be at least 1",
+    "negative-epsilon": "Sinkhorn.epsilon must be a finite number > 0",
 }
 
 
@@ -174,6 +178,8 @@ def test_bad_inputs_are_one_line_and_exit_code_2(parents, tmp_path, capsys, case
         "epsilon-exact": lambda: fuse_command(paths[:2], out, "--epsilon", "0.1"),
         "zero-sweeps": lambda: fuse_command(paths[:2], out, "--sweeps", "0"),
         "sweeps-activations": lambda: fuse_command(paths[:2], out, "--alignment", "activations", "--sweeps", "2"),
+        "zero-samples": lambda: fuse_command(paths[:2], out, "--alignment", "activations", "--samples", "0"),
+        "negative-epsilon": lambda: fuse_command(paths[:2], out, "--solver", "sinkhorn", "--epsilon", "-1"),
     }
     argv = commands[case]()
     assert main(argv) == 2

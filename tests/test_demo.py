@@ -1,8 +1,11 @@
 """The digits demo: trains, fuses with every method, and prints one table."""
 
 import jax
+import pytest
 
 from jfusion.workflow.demo import FUSION_METHODS, DemoRow, format_table, run_demo
+
+pytestmark = pytest.mark.slow  # end to end: trains models
 
 
 def test_demo_runs_end_to_end_and_tabulates_every_method():

@@ -43,7 +43,12 @@ def test_the_exact_solver_flags_a_non_finite_cost_also_under_jit():
     uniform = jnp.full((4,), 0.25)
     assert not bool(jfusion.Exact()(cost, uniform, uniform).converged)
     assert not bool(jax.jit(jfusion.Exact())(cost, uniform, uniform).converged)
-    assert bool(jfusion.Exact()(jnp.ones((4, 4)), uniform, uniform).converged)  # ties: still optimal
+    # A constant cost (supports that do not tell neurons apart) makes the matching arbitrary.
+    assert not bool(jfusion.Exact()(jnp.ones((4, 4)), uniform, uniform).converged)
+    assert bool(jfusion.Exact()(jnp.ones((4, 4)).at[0, 1].set(0.0), uniform, uniform).converged)
+    zeros = jax.tree.map(jnp.zeros_like, network())
+    with pytest.warns(jfusion.ConvergenceWarning, match="not finite or constant.*matching is arbitrary"):
+        jfusion.fuse([zeros, zeros], SPEC)
     # Traced inputs (no eager check can see them): the flag reaches the caller with the plans.
     nan_model = jax.tree.map(lambda x: x.at[0].set(jnp.nan), network(1))
     plans = jax.jit(lambda ms: jfusion.fuse(ms, SPEC).plans)(jfusion.stack_models([network(), nan_model]))
@@ -146,7 +151,8 @@ def test_small_mistakes_get_named_errors(call, error, match):
 
 
 def test_a_width_zero_group_is_named():
-    empty = MLP((0, 6, 3)).init(jax.random.key(0), jnp.ones((1, 4)))
+    shapes = {"Dense_0": ((4, 0), (0,)), "Dense_1": ((0, 6), (6,)), "Dense_2": ((6, 3), (3,))}
+    empty = {"params": {n: {"kernel": jnp.ones(k), "bias": jnp.ones(b)} for n, (k, b) in shapes.items()}}
     with pytest.raises(jfusion.SpecError, match="group 'h0' has width 0"):
         jfusion.fuse([empty], SPEC)
 
@@ -157,6 +163,21 @@ def test_the_convergence_warning_says_when_the_cause_is_nan():
     plans = jax.jit(lambda ms: jfusion.fuse(ms, SPEC, solver="sinkhorn").plans)(jfusion.stack_models([network(), nan_model]))
     with pytest.warns(jfusion.ConvergenceWarning, match=r"plans of models \[1\] are NaN/Inf.*no solver setting helps"):
         warn_unconverged(plans)
+
+
+def test_gradients_through_sinkhorn_at_the_defaults_match_finite_differences():
+    a, b = network(0), network(1)
+    direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), b)
+
+    def loss(t):
+        moved = jax.tree.map(lambda x, d: x + t * d, b, direction)  # enters the costs
+        return jnp.mean(MODEL.apply(jfusion.fuse([a, moved], SPEC, solver="sinkhorn").params, X) ** 2)
+
+    analytic = float(jax.grad(loss)(0.0))
+    step = 1e-2
+    numeric = float((loss(step) - loss(-step)) / (2 * step))
+    assert np.isfinite(analytic) and abs(analytic) > 1e-4
+    assert analytic == pytest.approx(numeric, rel=5e-2, abs=1e-4)
 
 
 MISTAKES = ["none", "missing leaf", "renamed group", "wrong view", "extra leaf"]

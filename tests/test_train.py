@@ -12,6 +12,8 @@ from jfusion.workflow.data import load_dataset, proportion_split
 from jfusion.models import MLP
 from jfusion.workflow.train import evaluate, evaluate_models, finetune, init_models, train_models
 
+pytestmark = pytest.mark.slow  # end to end: trains models
+
 # The demo's model, batch size and K: tests and demo share compiled programs in one run.
 MODEL = MLP((64, 64, 10))
 BATCH = 32

@@ -484,10 +484,17 @@ def warn_unconverged(plans: Mapping[str, OTResult]) -> None:
         bad = np.flatnonzero(~flags).tolist()
         plan_list = result.plan if isinstance(result.plan, tuple) else list(result.plan)
         non_finite = [k for k in bad if _is_concrete(plan_list[k]) and not np.isfinite(np.asarray(plan_list[k])).all()]
+        exact = [k for k in bad if k not in non_finite and int(iters[k]) == 0]
         if non_finite:
             advice = (
                 f"the plans of models {non_finite} are NaN/Inf: the supports (weights or "
                 f"activations) were not finite or overflowed float32, so no solver setting helps"
+            )
+        elif exact:
+            advice = (
+                f"the exact solver's cost for models {exact} was not finite or constant: the "
+                f"supports do not tell the neurons apart (NaN/Inf, zero weights or a constant "
+                f"batch), so the matching is arbitrary"
             )
         else:
             advice = "raise max_iterations or epsilon, or use jfusion.Exact()"

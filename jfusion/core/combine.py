@@ -35,13 +35,14 @@ def model_weights(weights: jax.Array | Sequence[float] | None, num_models: int) 
     if w.shape != (num_models,):
         raise FusionInputError(f"model_weights has shape {w.shape}; expected ({num_models},), one per model")
     if not isinstance(w, jax.core.Tracer):
-        values = np.asarray(w)
+        values = np.asarray(w, np.float64)
         if not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
             raise FusionInputError(
                 f"model_weights must be finite, non-negative and not all zero; got {values.tolist()}"
             )
-    # Divide by the largest first: the sum of weights near float32's maximum would overflow.
-    w = w / jnp.max(w)
+    # Scale by a power of two first (exact), so the sum of weights near float32's maximum
+    # cannot overflow; XLA divides by multiplying with the reciprocal, which would flush.
+    w = jnp.ldexp(w, -jnp.frexp(jnp.max(w))[1])
     return w / jnp.sum(w)
 
 

@@ -34,8 +34,8 @@ class OTResult(NamedTuple):
       plan: ``(n, m)`` coupling between source neurons (rows) and target neurons (columns).
       cost: transport cost ``<C, plan>``.
       converged: whether the solver met its tolerance. An exact solver reports False when
-        the cost was not finite (NaN/Inf in the supports), since its matching is then
-        arbitrary.
+        the cost was not finite (NaN/Inf in the supports) or constant (supports that do not
+        tell the neurons apart), since its matching is then arbitrary.
       iterations: iterations the solver ran (0 for exact solvers).
     """
 
@@ -71,17 +71,20 @@ def _result(plan: jax.Array, cost: jax.Array, converged, iterations) -> OTResult
 
 
 def _conditioned(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(cost mapped affinely onto [0, 1], whether the cost was finite)``.
+    """``(cost mapped affinely onto [0, 1], whether it can decide a matching)``.
 
     An assignment's optimum is unchanged by adding a constant to every cost or scaling all
     of them by a positive one; the Hungarian algorithm's potentials then stay well inside
-    float32 whatever the weights' scale (1e-19 or 1e19).
+    float32 whatever the weights' scale (1e-19 or 1e19). A cost that is not finite, or
+    constant over more than one entry (supports that do not tell the neurons apart: zero
+    weights, a constant batch), makes every matching equally optimal, and so arbitrary.
     """
     finite = jnp.all(jnp.isfinite(cost))
     safe = jnp.where(jnp.isfinite(cost), cost, 0.0)
     low, high = jnp.min(safe), jnp.max(safe)
     spread = high - low
-    return jnp.where(spread > 0, (safe - low) / jnp.where(spread > 0, spread, 1.0), 0.0), finite
+    informative = finite & ((spread > 0) | (cost.size == 1))
+    return jnp.where(spread > 0, (safe - low) / jnp.where(spread > 0, spread, 1.0), 0.0), informative
 
 
 def assignment_plan(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -148,7 +151,7 @@ class Exact:
         matched = n - isolated
         if not 0 <= matched <= min(n, m):
             raise FusionInputError(f"cannot match {matched} pairs between {n} and {m} neurons")
-        if matched == 0:
+        if matched == 0:  # every neuron isolated: no matching to decide
             plan = jnp.zeros((n, m), cost.dtype)
             return _result(plan, cost, jnp.all(jnp.isfinite(cost)), 0), jnp.ones((n,), cost.dtype)
         scaled, finite = _conditioned(cost)
@@ -204,6 +207,11 @@ class Sinkhorn:
             # Convergence is checked every inner_iterations; a divisor of the cap makes the
             # loop stop exactly there, so the reported count never exceeds it.
             inner_iterations=math.gcd(10, int(self.max_iterations)),
+            # Differentiate by unrolling the iterations. ott's default implicit differentiation
+            # solves a linear system whose conditioning at small epsilon is beyond float32
+            # (its CG never meets its tolerance and raises); unrolling is exact for the
+            # computed iterate and costs memory only per inner_iterations block.
+            implicit_diff=None,
         )
         out = solver(linear_problem.LinearProblem(geom, a, b))
         converged = out.converged & jnp.all(jnp.isfinite(out.matrix))

@@ -307,6 +307,8 @@ def _run_fuse(args: argparse.Namespace) -> None:
     target = args.target % len(paths)
     if args.sweeps < 1:
         raise UsageError(f"--sweeps must be at least 1, not {args.sweeps}")
+    if args.samples < 1:
+        raise UsageError(f"--samples must be at least 1 (training images for activation alignment), not {args.samples}")
     if args.alignment == "activations" and args.sweeps != 1:
         raise UsageError("--sweeps is for weight alignment; activation alignment needs none")
     _log(f"loading {len(paths)} checkpoints")
