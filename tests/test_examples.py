@@ -1,0 +1,37 @@
+"""Every example script's ``--quick`` mode, in-process: it runs on the current API and its numbers are sane."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+pytest.importorskip("sklearn", reason="quick modes use the digits dataset, which ships with scikit-learn")
+pytest.importorskip("matplotlib", reason="the scripts write PNGs with matplotlib")
+
+pytestmark = pytest.mark.slow
+
+
+def numbers(out: Path, name: str) -> dict:
+    """The JSON a script wrote, after checking its markdown twin exists."""
+    assert (out / f"{name}_numbers.md").is_file()
+    return json.loads((out / f"{name}_numbers.json").read_text())
+
+
+def test_recurrent_fusion_quick(tmp_path):
+    import recurrent_fusion
+
+    recurrent_fusion.main(["--quick", "--out", str(tmp_path)])
+    blob = numbers(tmp_path, "recurrent_fusion")
+    assert (tmp_path / "recurrent_fusion.png").is_file()
+    assert blob["settings"]["data"] in ("digits", "fashion_mnist") and blob["versions"]["jax"]
+    for cell, rows in blob["data"].items():
+        by_name = {r["name"]: r["accuracy"] for r in rows}
+        assert {"vanilla average", "ensemble (logit average)", "OT, weights, 2 sweeps (+ hidden-to-hidden)",
+                "OT, activations (100 images)", "OT, weights, 2 sweeps, Sinkhorn"} <= set(by_name), cell
+        assert all(0.0 <= a <= 1.0 for accs in by_name.values() for a in accs)
+        parents = [accs[0] for name, accs in by_name.items() if name.startswith("parent")]
+        assert len(parents) == 2 and min(parents) > 0.2, parents  # chance is 0.1
