@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 import optax
 
 matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
 
 import jfusion  # noqa: E402
 from jfusion.workflow.data import load_dataset  # noqa: E402
@@ -261,6 +264,14 @@ def _count(n: int | None) -> str:
     return "–" if n is None else f"{n:,}"
 
 
+def output_dir(out: str | os.PathLike | None, quick: bool, name: str) -> Path:
+    """``--out`` if given; else ``examples/results`` for a full run and a new temporary directory
+    for a quick one, so that a smoke test never overwrites the committed results."""
+    if out is not None:
+        return Path(out)
+    return Path(tempfile.mkdtemp(prefix=f"{name}_quick_")) if quick else RESULTS
+
+
 def versions() -> dict[str, str]:
     """What produced the numbers: software versions and the machine."""
     return {
@@ -297,7 +308,7 @@ def write_report(
     paths = []
     for filename, fig in (figures or {}).items():
         fig.savefig(out / filename, dpi=110)
-        matplotlib.pyplot.close(fig)
+        plt.close(fig)
         paths.append(out / filename)
     lines = [f"# {title}: numbers", f"Written by `{command}`" + (f" in {runtime_s:.0f} s" if runtime_s else "") + "."]
     lines += ["## Settings", "\n".join(f"- {k}: {_setting(v)}" for k, v in meta["settings"].items())]

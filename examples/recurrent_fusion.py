@@ -24,7 +24,6 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
-import jax
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -114,7 +113,7 @@ def plot(cfg: Config, results: dict[str, Any]) -> Any:
 def main(argv: Sequence[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny models, 2 epochs, digits unless Fashion-MNIST is installed")
-    parser.add_argument("--out", default=str(kit.RESULTS), help="output directory (default examples/results)")
+    parser.add_argument("--out", default=None, help="output directory (default examples/results; a temp dir with --quick)")
     args = parser.parse_args(argv)
     cfg = quick() if args.quick else Config()
     start = time.perf_counter()
@@ -125,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> list:
         for cell, res in results.items()
     }
     return kit.write_report(
-        args.out, "recurrent_fusion", title="Fusing recurrent networks: LSTM and GRU, images read row by row",
+        kit.output_dir(args.out, args.quick, "recurrent_fusion"), "recurrent_fusion", title="Fusing recurrent networks: LSTM and GRU, images read row by row",
         settings=dataclasses.asdict(cfg), tables=tables,
         data={cell: [dataclasses.asdict(r) for r in res["rows"]] for cell, res in results.items()},
         figures={"recurrent_fusion.png": plot(cfg, results)}, script="recurrent_fusion.py", argv=argv, runtime_s=time.perf_counter() - start,

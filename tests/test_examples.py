@@ -35,3 +35,24 @@ def test_recurrent_fusion_quick(tmp_path):
         assert all(0.0 <= a <= 1.0 for accs in by_name.values() for a in accs)
         parents = [accs[0] for name, accs in by_name.items() if name.startswith("parent")]
         assert len(parents) == 2 and min(parents) > 0.2, parents  # chance is 0.1
+
+
+def test_real_architectures_quick(tmp_path):
+    import real_architectures
+
+    real_architectures.main(["--quick", "--ablation", "--out", str(tmp_path)])
+    blob = numbers(tmp_path, "real_architectures")
+    assert set(blob["data"]) == {"MLPNet", blob["settings"]["resnet_name"], "MLPNet, ResNet budget"}
+    for title, result in blob["data"].items():
+        by_name = {r["name"]: r["accuracy"] for r in result["rows"]}
+        expected = {"ensemble (logit average)", "vanilla average", "OT fusion, weights (exact)", "OT fusion, activations (exact, 64 images)"}
+        assert expected <= set(by_name), title
+        assert all(0.0 <= a <= 1.0 for accs in by_name.values() for a in accs)
+        if title == "MLPNet":
+            assert min(accs[0] for name, accs in by_name.items() if name.startswith("parent")) > 0.3
+            assert set(result["diag"]) == {"unaligned"} | expected - {"ensemble (logit average)", "vanilla average"}
+    resnet = {r["name"] for r in blob["data"][blob["settings"]["resnet_name"]]["rows"]}
+    assert "OT fusion, activations (exact, 64 images) + BN recal" in resnet
+    ablation = next(t for h, t in blob["tables"].items() if h.startswith("Ablation"))
+    self_check = next(row for row in ablation["rows"] if "permuted copy" in row[0])
+    assert float(self_check[1]) > 0.99  # a permuted copy is aligned back exactly
