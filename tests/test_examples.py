@@ -56,3 +56,32 @@ def test_real_architectures_quick(tmp_path):
     ablation = next(t for h, t in blob["tables"].items() if h.startswith("Ablation"))
     self_check = next(row for row in ablation["rows"] if "permuted copy" in row[0])
     assert float(self_check[1]) > 0.99  # a permuted copy is aligned back exactly
+
+
+def test_otfusion_experiments_quick(tmp_path):
+    import otfusion_experiments
+
+    otfusion_experiments.main(["--quick", "--out", str(tmp_path)])
+    blob = numbers(tmp_path, "otfusion_experiments")
+    for png in ("skill_transfer", "skill_transfer_class1", "four_models", "widths", "ensembling"):
+        assert (tmp_path / f"otfusion_{png}.png").is_file(), png
+    data = blob["data"]
+    assert set(data) == {"skill", "skill_alt", "four", "widths", "ensemble"}
+
+    def accuracies(tree):
+        if isinstance(tree, dict):
+            return [a for v in tree.values() for a in accuracies(v)]
+        return [a for v in tree for a in accuracies(v)] if isinstance(tree, list) else [tree]
+
+    for name in ("skill", "skill_alt"):
+        r = data[name]["different"]
+        assert {"A", "B", "OT (activations)", "OT (weights)", "vanilla average", "prediction ensemble"} <= set(r)
+        assert all(0.0 <= a <= 1.0 for a in accuracies(r))
+        assert min(r["A"][0], r["B"][0]) > 0.15  # chance is 0.1; each parent misses classes by design
+    four = data["four"]["same"]
+    assert {"model A", "prediction ensemble", "vanilla average", "OT acts, target C"} <= set(four)
+    assert max(four["model C"]) > 0.3 and all(0.0 <= a <= 1.0 for a in accuracies(four))
+    assert any(k.startswith("OT activations into") for k in data["widths"])
+    k2 = data["ensemble"]["rows"]["2"]
+    assert {"ensemble", "vanilla", "OT acts", "OT wts", "OT acts + FT", "OT wts + FT"} <= set(k2)
+    assert min(k2["parents"]) > 0.3 and all(0.0 <= a <= 1.0 for a in accuracies(k2))
