@@ -85,3 +85,29 @@ def test_otfusion_experiments_quick(tmp_path):
     k2 = data["ensemble"]["rows"]["2"]
     assert {"ensemble", "vanilla", "OT acts", "OT wts", "OT acts + FT", "OT wts + FT"} <= set(k2)
     assert min(k2["parents"]) > 0.3 and all(0.0 <= a <= 1.0 for a in accuracies(k2))
+
+
+def test_partial_fusion_quick(tmp_path):
+    import partial_fusion
+
+    partial_fusion.main(["--quick", "--out", str(tmp_path)])
+    blob = numbers(tmp_path, "partial_fusion")
+    assert (tmp_path / "partial_fusion.png").is_file() and (tmp_path / "partial_fusion_compression.png").is_file()
+    rows = blob["data"]["pairs"]["specialist"]["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"model A (specialist)", "model B (generalist)", "prediction ensemble", "vanilla averaging",
+            "partial fusion (weights)", "structured pruning (delete)", "generalized pruning (merge, weights)"} <= methods
+    comp = blob["data"]["compression"]
+    assert {"dense model C", "delete (L1 of incoming weights)", "merge (weights)",
+            "delete + fuse dense into it (Exact)", "barycenter of C, D (Exact)"} <= {r["method"] for r in comp}
+    assert all(0.0 <= a <= 1.0 for r in rows + comp for a in r["acc"] + r["special"])
+    parents = [r["acc"][0] for r in rows + comp if r["method"].startswith(("model", "dense"))]
+    assert len(parents) == 4 and min(parents) > 0.15, parents  # chance is 0.1; A and B miss classes by design
+    partial = next(r for r in rows if r["method"] == "partial fusion (weights)")
+    assert partial["nonzero"][0] <= partial["total"][0]
+    # Reading the JSON back gives the same tables.
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "partial_fusion_numbers.json").write_text((tmp_path / "partial_fusion_numbers.json").read_text())
+    partial_fusion.main(["--report-only", "--out", str(again)])
+    assert numbers(again, "partial_fusion")["tables"] == blob["tables"]
