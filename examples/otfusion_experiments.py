@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """OTFusion's MLP experiments (Singh & Jaggi, NeurIPS 2020) reproduced with jfusion.
 
 Fashion-MNIST stands in for the paper's MNIST; the model is OTFusion's MLPNet,
@@ -38,15 +39,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import kit
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
 import jfusion
-import kit
 from jfusion.models import MLP, mlp_spec
 from jfusion.workflow.data import proportion_split, special_class_split
-from jfusion.workflow.train import evaluate_models, finetune, init_models
+from jfusion.workflow.train import finetune, init_models
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 EXPERIMENTS = ("skill", "four", "widths", "ensemble", "skill_alt")
@@ -172,7 +173,7 @@ class Scorer:
     mask: np.ndarray
 
     @classmethod
-    def of(cls, data: kit.Data, special: int) -> "Scorer":
+    def of(cls, data: kit.Data, special: int) -> Scorer:
         return cls(jnp.asarray(data.xte), data.yte, data.yte == special)
 
     def logits(self, features: tuple[int, ...], models: Sequence[Any]) -> np.ndarray:

@@ -49,17 +49,18 @@ import functools
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import kit
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
 import jfusion
-import kit
 from jfusion.core.support import ModuleActivations
 from jfusion.models import MLP, mlp_spec
 from jfusion.workflow.data import special_class_split
@@ -91,6 +92,7 @@ class Config:
     multipliers: tuple[float, ...] = MULTIPLIERS
     alignments: tuple[str, ...] = ("weights", "activations")
     extras: bool = True  # fuse-into-pruned and barycenter fusion (experiment 2)
+    prune_ensemble: bool = True  # experiment 1 also prunes the ensemble network (quick: pruning runs in experiment 2 only)
     extra_pairs: bool = True  # experiment 1 also on the generalist pair (C, D) and a second special class
     second_special: int = 1  # Trouser: the sensitivity check's special class
     train_subsample: int | None = None  # quick mode: a stratified subset of the training set
@@ -102,7 +104,7 @@ def quick() -> Config:
     return Config(
         quick=True, data=kit.quick_dataset(), features=(16, 16, 16, 10), epochs=10, batch_size=32, learning_rate=0.05,
         momentum=0.9, seeds=(0,), act_samples=64, alphas=(0.5,), multipliers=(0.5,), alignments=("weights",),
-        extra_pairs=False, train_subsample=3000, test_subsample=1000,
+        extra_pairs=False, prune_ensemble=False, train_subsample=3000, test_subsample=1000,
     )
 
 
@@ -196,7 +198,7 @@ def train_all(cfg: Config, data: kit.Data) -> dict[str, Any]:
     model = MLP(cfg.features)
     seeds = list(cfg.seeds)
     optimizer = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
-    kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=optimizer)
+    kw = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "optimizer": optimizer}
 
     def specialist_pair(special: int) -> tuple[Any, Any, list]:
         splits = [special_class_split(data.ytr, special, 0.1, seed=s) for s in seeds]
@@ -283,6 +285,9 @@ def exp_pair(cfg: Config, data: kit.Data, pair: Sequence[list[Any]], special: in
                 assert count_nonzero(pf.params) == int(pf.num_nonzero), "num_nonzero disagrees with a recount"
                 assert count_total(pf.params) == int(pf.num_parameters)
                 rec.add(f"partial fusion ({alignment})", alpha, pf.params, acc(_predict(f, pf.params, xte)))
+        if not cfg.prune_ensemble:
+            print(f"[{tag}] seed {s} done", flush=True)
+            continue
         # The block-diagonal ensemble network (alpha = 1: nothing matched, so alignment is moot).
         ensemble_net = jfusion.partial_fuse([A, B], SPEC, 1.0, target=-1).params
         prune_cells = [("structured pruning (delete)", "delete", "weights")]
@@ -651,7 +656,7 @@ def run(cfg: Config) -> dict[str, Any]:
     timings["compression_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     return {
-        "config": {**dataclasses.asdict(cfg), "n_test": int(len(data.yte))},
+        "config": {**dataclasses.asdict(cfg), "n_test": len(data.yte)},
         "sizes": list(sizes),
         "timings": timings,
         "pairs": pairs,

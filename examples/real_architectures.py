@@ -78,6 +78,9 @@ class Settings:
     warm_repeats: int = 2
     sinkhorn: bool = True
     sweeps2: bool = True
+    diag_resnet: bool = True  # the alignment diagnostic on the ResNet too (quick: on the MLP only)
+    resnet_weights: bool = True  # weight alignment on the ResNet too (quick: activations only there)
+    control: bool = True  # the MLPNet control on the ResNets' budget (quick: skipped, it reruns the MLP programs)
 
     @property
     def resnet_name(self) -> str:
@@ -96,6 +99,7 @@ def quick() -> Settings:
         mlp_train=None, mlp_epochs=3, mlp_batch=32, mlp_test=1000, resnet_stages=(1, 1), resnet_seeds=(0, 1),
         resnet_pairs=((0, 1),), resnet_steps=20, resnet_batch=32, resnet_test=256, act_inputs=64, recal_batches=2,
         recal_batch=32, diag_inputs=64, ablation_inputs=256, warm_repeats=1, sinkhorn=False, sweeps2=False,
+        diag_resnet=False, resnet_weights=False, control=False,
     )
 
 
@@ -146,7 +150,7 @@ class Architecture:
 def fusion_methods(arch: Architecture, cfg: Settings) -> dict[str, tuple[kit.Method, dict[str, Any]]]:
     """name -> (``method(pair, inputs)``, the ``align`` options it fuses with)."""
     spec, acts = arch.spec, arch.activations()
-    options: dict[str, dict[str, Any]] = {"OT fusion, weights (exact)": {}}
+    options: dict[str, dict[str, Any]] = {} if arch.bn and not cfg.resnet_weights else {"OT fusion, weights (exact)": {}}
     if arch.bn and cfg.sweeps2:
         options["OT fusion, weights sweeps=2 (exact)"] = {"alignment": jfusion.ByWeights(sweeps=2)}
     options[f"OT fusion, activations (exact, {cfg.act_inputs} images)"] = {"alignment": acts}
@@ -182,7 +186,7 @@ def run_architecture(arch: Architecture, test: tuple[np.ndarray, np.ndarray], po
     rows += kit.evaluate_methods({n: m for n, (m, _) in methods.items()}, cases, scores, repeats=cfg.warm_repeats)
     print(f"[{arch.title}] " + "; ".join(f"{r.name}: {kit.mean_std(r.accuracy)}" for r in rows), flush=True)
     result: dict[str, Any] = {"rows": rows, "diag": {}, "notes": []}
-    if cfg.diag_inputs:
+    if cfg.diag_inputs and (cfg.diag_resnet or not arch.bn):
         diagnose(arch, cases[0], {n: kw for n, (_, kw) in methods.items() if n != "vanilla average"},
                  jnp.asarray(holdout[: cfg.diag_inputs]), result)
     return result
@@ -374,19 +378,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
         mlp, (pool_x[:n], pool_y[:n]), cfg.mlp_seeds, epochs=cfg.mlp_epochs, batch_size=cfg.mlp_batch))
     resnet = ResNet(tuple(cfg.resnet_stages), cfg.resnet_widths)
     res_vars, res_s = cached(args.cache, "resnet", cfg, lambda: train_resnets(resnet, pool_x, pool_y, cfg))
-    # Control: MLPNets on the ResNets' budget (the same per-seed samples, one pass).
-    seeds = cfg.resnet_seeds[:2]
-    samples = [np.random.default_rng(s).permutation(n_pool)[: cfg.resnet_steps * cfg.resnet_batch] for s in seeds]
-    ctl_vars, ctl_s = cached(args.cache, "control", cfg, lambda: kit.train_set(
-        mlp, [(pool_x[i], pool_y[i]) for i in samples], seeds, epochs=1, batch_size=cfg.resnet_batch))
-
     archs = [
         (Architecture("MLPNet", mlp, mlp_spec(len(cfg.mlp_features)), False, mlp_vars, cfg.mlp_seeds, cfg.mlp_pairs, mlp_s), mlp_test, cfg),
         (Architecture(cfg.resnet_name, resnet, resnet.spec(), True, res_vars, cfg.resnet_seeds, cfg.resnet_pairs, res_s),
          (data.xte[: cfg.resnet_test], data.yte[: cfg.resnet_test]), cfg),
-        (Architecture("MLPNet, ResNet budget", mlp, mlp_spec(len(cfg.mlp_features)), False, ctl_vars, seeds, ((0, 1),), ctl_s),
-         mlp_test, dataclasses.replace(cfg, sinkhorn=False, warm_repeats=1)),
     ]
+    if cfg.control:  # MLPNets on the ResNets' budget (the same per-seed samples, one pass)
+        seeds = cfg.resnet_seeds[:2]
+        samples = [np.random.default_rng(s).permutation(n_pool)[: cfg.resnet_steps * cfg.resnet_batch] for s in seeds]
+        ctl_vars, ctl_s = cached(args.cache, "control", cfg, lambda: kit.train_set(
+            mlp, [(pool_x[i], pool_y[i]) for i in samples], seeds, epochs=1, batch_size=cfg.resnet_batch))
+        archs.append((Architecture("MLPNet, ResNet budget", mlp, mlp_spec(len(cfg.mlp_features)), False, ctl_vars, seeds,
+                                   ((0, 1),), ctl_s), mlp_test, dataclasses.replace(cfg, sinkhorn=False, warm_repeats=1)))
     results = {arch.title: run_architecture(arch, test, pool_x, holdout[0], c) for arch, test, c in archs}
     tables = {"At a glance (test accuracy %, mean ± std over pairs)": glance(cfg, results)}
     for arch, _, _ in archs:
