@@ -4,8 +4,7 @@
 Morelli & Eckstein, "Partial Fusion of Neural Networks: Efficient Tradeoffs Between
 Ensembles and Weight Aggregation" (ICML 2026), on Fashion-MNIST (installed offline here;
 the paper uses MNIST) with the paper's MLP 784-100-100-100-10, ``MLP((100, 100, 100, 10))``.
-Two experiments, one report ``partial_fusion.md`` and two figures in ``--out``
-(default ``examples/results``):
+Two experiments:
 
 1. **Specialist pair** (``pair``). A is trained on all of one special class plus 10% of the
    other classes, B on the other 90% without it (``special_class_split``). Accuracy against
@@ -34,17 +33,12 @@ Every experiment runs over 3 seeds (data split, initialisations and batch orders
 reports mean ± std. Nothing is retrained after fusion or pruning, and nothing is tuned on the
 test set: every setting below is fixed in advance.
 
-Run (about 25 minutes on 2 shared CPU cores; the report states the measured time)::
+    python examples/partial_fusion.py                        # the recorded run, ~13-25 min on 2 CPU cores
+    python examples/partial_fusion.py --quick --out /tmp/q   # smoke test, digits, seconds
+    python examples/partial_fusion.py --report-only          # tables and figures again from the JSON
 
-    python examples/partial_fusion.py
-
-Smoke test on a tiny budget (under a minute; writes to a temporary directory unless ``--out``
-is given)::
-
-    python examples/partial_fusion.py --quick
-
-Raw per-seed numbers are saved to ``partial_fusion_results.json``; ``--report-only``
-rebuilds the report and figures from it without recomputing.
+Writes ``partial_fusion_numbers.{md,json}`` (the JSON holds every per-seed number) and the
+figures to ``--out``; the reading is ``examples/results/partial_fusion.md``, written by hand.
 """
 
 from __future__ import annotations
@@ -53,28 +47,23 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import sys
-import tempfile
 import time
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import kit
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import jfusion  # noqa: E402
-from jfusion.workflow.data import special_class_split  # noqa: E402
-from jfusion.models import MLP, mlp_spec  # noqa: E402
-from jfusion.core.support import ModuleActivations  # noqa: E402
-from jfusion.workflow.train import fit_models, init_models  # noqa: E402
-from common import Data, activation_batch, command_line, fmt_seconds, load_data, md_table, mean_std, pick  # noqa: E402
+import jfusion
+from jfusion.core.support import ModuleActivations
+from jfusion.models import MLP, mlp_spec
+from jfusion.workflow.data import special_class_split
 
 FEATURES = (100, 100, 100, 10)  # the paper's MNIST MLP, 784-100-100-100-10
 SPEC = mlp_spec(len(FEATURES))
@@ -83,7 +72,6 @@ SPECIAL = 4  # Fashion-MNIST "Coat"; the paper's special digit is 4 too
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 ALPHAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 MULTIPLIERS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-RESULTS_JSON = "partial_fusion_results.json"
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -92,6 +80,8 @@ RESULTS_JSON = "partial_fusion_results.json"
 @dataclasses.dataclass(frozen=True)
 class Config:
     quick: bool = False
+    data: str = "fashion_mnist"
+    features: tuple[int, ...] = FEATURES  # quick: narrower, same depth (so SPEC serves both)
     epochs: int = 10
     batch_size: int = 64
     learning_rate: float = 0.01
@@ -102,24 +92,20 @@ class Config:
     multipliers: tuple[float, ...] = MULTIPLIERS
     alignments: tuple[str, ...] = ("weights", "activations")
     extras: bool = True  # fuse-into-pruned and barycenter fusion (experiment 2)
+    prune_ensemble: bool = True  # experiment 1 also prunes the ensemble network (quick: pruning runs in experiment 2 only)
     extra_pairs: bool = True  # experiment 1 also on the generalist pair (C, D) and a second special class
     second_special: int = 1  # Trouser: the sensitivity check's special class
     train_subsample: int | None = None  # quick mode: a stratified subset of the training set
     test_subsample: int | None = None
 
 
-QUICK = Config(
-    quick=True,
-    epochs=1,
-    seeds=(0, 1),
-    # Every distinct width is one XLA compilation (seconds on CPU): keep few.
-    alphas=(0.5, 1.0),
-    multipliers=(0.5,),
-    alignments=("weights",),
-    extra_pairs=False,
-    train_subsample=3000,
-    test_subsample=1000,
-)
+def quick() -> Config:
+    """Tiny MLPs on digits, one seed: each fusion program (one per distinct width) once."""
+    return Config(
+        quick=True, data=kit.quick_dataset(), features=(16, 16, 16, 10), epochs=10, batch_size=32, learning_rate=0.05,
+        momentum=0.9, seeds=(0,), act_samples=64, alphas=(0.5,), multipliers=(0.5,), alignments=("weights",),
+        extra_pairs=False, prune_ensemble=False, train_subsample=3000, test_subsample=1000,
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -149,11 +135,11 @@ def _predict_ensemble(features, stacked, x):
     return jnp.argmax(jfusion.ensemble_apply(MLP(features).apply, stacked, x), axis=-1)
 
 
-def accuracies(pred: Any, data: Data, special: int = SPECIAL) -> tuple[float, float]:
-    """(overall, special-class) test accuracy in percent."""
+def accuracies(pred: Any, data: kit.Data, special: int = SPECIAL) -> tuple[float, float]:
+    """(overall, special-class) test accuracy in [0, 1]."""
     pred = np.asarray(pred)
     mask = data.yte == special
-    return 100.0 * float(np.mean(pred == data.yte)), 100.0 * float(np.mean(pred[mask] == data.yte[mask]))
+    return float(np.mean(pred == data.yte)), float(np.mean(pred[mask] == data.yte[mask]))
 
 
 def mlp_activations_any_width(variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
@@ -166,7 +152,7 @@ def mlp_activations_any_width(variables: Any, inputs: jax.Array) -> dict[str, ja
     return ModuleActivations(MLP(features_of(variables)))(variables, inputs)
 
 
-ACTIVATIONS = jfusion.Activations(mlp_activations_any_width)
+ACTIVATIONS = jfusion.ByActivations(mlp_activations_any_width)
 
 
 def alignment_kwargs(alignment: str, inputs: jax.Array) -> dict[str, Any]:
@@ -202,54 +188,53 @@ class Recorder:
 # --- training -----------------------------------------------------------------------------
 
 
-def train_all(cfg: Config, data: Data) -> dict[str, Any]:
+def train_all(cfg: Config, data: kit.Data) -> dict[str, Any]:
     """Specialist A, generalist B and two full-data models C, D per seed (stacked over seeds).
 
     Models sharing one ``fit_models`` call have subsets of equal size, so every model runs
     exactly ``cfg.epochs`` passes over its own data (``fit_models`` gives every model of one
     call ``max_k n_k // batch`` steps per epoch).
     """
-    model = MLP(FEATURES)
+    model = MLP(cfg.features)
     seeds = list(cfg.seeds)
     optimizer = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
-    splits = [special_class_split(data.ytr, SPECIAL, 0.1, seed=s) for s in seeds]
-    x0 = data.xtr[:1]
-    kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=optimizer)
-    a = fit_models(model, init_models(model, [1000 + s for s in seeds], x0),
-                   [(data.xtr[i], data.ytr[i]) for i, _ in splits], seeds, **kw)
-    b = fit_models(model, init_models(model, [2000 + s for s in seeds], x0),
-                   [(data.xtr[j], data.ytr[j]) for _, j in splits], [100 + s for s in seeds], **kw)
-    cd = fit_models(model, init_models(model, [3000 + s for s in seeds] + [4000 + s for s in seeds], x0),
-                    (data.xtr, data.ytr), [200 + s for s in seeds] + [300 + s for s in seeds], **kw)
+    kw = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "optimizer": optimizer}
+
+    def specialist_pair(special: int) -> tuple[Any, Any, list]:
+        splits = [special_class_split(data.ytr, special, 0.1, seed=s) for s in seeds]
+        a = kit.train_set(model, [(data.xtr[i], data.ytr[i]) for i, _ in splits], seeds, init_seeds=[1000 + s for s in seeds], **kw)
+        b = kit.train_set(model, [(data.xtr[j], data.ytr[j]) for _, j in splits], [100 + s for s in seeds],
+                          init_seeds=[2000 + s for s in seeds], **kw)
+        return a, b, splits
+
+    a, b, splits = specialist_pair(SPECIAL)
+    cd = kit.train_set(model, (data.xtr, data.ytr), [200 + s for s in seeds] + [300 + s for s in seeds],
+                       init_seeds=[3000 + s for s in seeds] + [4000 + s for s in seeds], **kw)
     k = len(seeds)
     models = {
-        "A": [pick(a, i) for i in range(k)],
-        "B": [pick(b, i) for i in range(k)],
-        "C": [pick(cd, i) for i in range(k)],
-        "D": [pick(cd, k + i) for i in range(k)],
+        "A": [kit.pick(a, i) for i in range(k)],
+        "B": [kit.pick(b, i) for i in range(k)],
+        "C": [kit.pick(cd, i) for i in range(k)],
+        "D": [kit.pick(cd, k + i) for i in range(k)],
         "sizes": (len(splits[0][0]), len(splits[0][1]), len(data.ytr)),
     }
     if cfg.extra_pairs:
         # The sensitivity check: the same inits and batch orders, another special class.
-        splits2 = [special_class_split(data.ytr, cfg.second_special, 0.1, seed=s) for s in seeds]
-        a2 = fit_models(model, init_models(model, [1000 + s for s in seeds], x0),
-                        [(data.xtr[i], data.ytr[i]) for i, _ in splits2], seeds, **kw)
-        b2 = fit_models(model, init_models(model, [2000 + s for s in seeds], x0),
-                        [(data.xtr[j], data.ytr[j]) for _, j in splits2], [100 + s for s in seeds], **kw)
-        models["A2"] = [pick(a2, i) for i in range(k)]
-        models["B2"] = [pick(b2, i) for i in range(k)]
+        a2, b2, _ = specialist_pair(cfg.second_special)
+        models["A2"] = [kit.pick(a2, i) for i in range(k)]
+        models["B2"] = [kit.pick(b2, i) for i in range(k)]
     return models
 
 
-def widths_for(alpha: float) -> dict[str, int]:
+def widths_for(features: Sequence[int], alpha: float) -> dict[str, int]:
     """The hidden widths of partial fusion at ``alpha`` for two models of width n: n + round(alpha n)."""
-    return {g: FEATURES[i] + int(round(alpha * FEATURES[i])) for i, g in enumerate(HIDDEN)}
+    return {g: features[i] + int(round(alpha * features[i])) for i, g in enumerate(HIDDEN)}
 
 
 # --- experiment 1: the specialist pair ----------------------------------------------------
 
 
-def origin_share(ensemble_net: Any, pruned: Any) -> list[float]:
+def origin_share(ensemble_net: Any, pruned: Any, features: Sequence[int]) -> list[float]:
     """Per hidden layer, the share of a pruned-by-deletion network's neurons that come from model B.
 
     The ensemble network's hidden layers are laid out ``[A's 100 | B's 100]``. Deleting keeps a
@@ -267,11 +252,11 @@ def origin_share(ensemble_net: Any, pruned: Any) -> list[float]:
                                np.asarray(pruned["params"][f"Dense_{i}"]["bias"])[None]], 0).T
         dist = (part**2).sum(1)[:, None] + (full**2).sum(1)[None, :] - 2.0 * part @ full.T
         kept_inputs = np.argmin(dist, axis=1)
-        shares.append(float(np.mean(kept_inputs >= FEATURES[i])))
+        shares.append(float(np.mean(kept_inputs >= features[i])))
     return shares
 
 
-def exp_pair(cfg: Config, data: Data, pair: Sequence[list[Any]], special: int, names: tuple[str, str],
+def exp_pair(cfg: Config, data: kit.Data, pair: Sequence[list[Any]], special: int, names: tuple[str, str],
              timings: dict[str, float], tag: str) -> list[dict[str, Any]]:
     """Partial fusion of ``pair = (As, Bs)`` (one model per seed each) and its baselines."""
     rec = Recorder()
@@ -280,19 +265,19 @@ def exp_pair(cfg: Config, data: Data, pair: Sequence[list[Any]], special: int, n
     partial_s: list[float] = []
     for i, s in enumerate(cfg.seeds):
         A, B = pair[0][i], pair[1][i]
-        inputs = activation_batch(data, cfg.act_samples, s)
-        rec.add(names[0], 0.0, A, acc(_predict(FEATURES, A, xte)))
-        rec.add(names[1], 0.0, B, acc(_predict(FEATURES, B, xte)))
+        inputs = kit.activation_batch(data, cfg.act_samples, s)
+        rec.add(names[0], 0.0, A, acc(_predict(cfg.features, A, xte)))
+        rec.add(names[1], 0.0, B, acc(_predict(cfg.features, B, xte)))
         pair_stacked = jax.tree.map(lambda *xs: jnp.stack(xs), A, B)
-        rec.add("prediction ensemble", 1.0, A, acc(_predict_ensemble(FEATURES, pair_stacked, xte)),
+        rec.add("prediction ensemble", 1.0, A, acc(_predict_ensemble(cfg.features, pair_stacked, xte)),
                 total=count_total(A) + count_total(B), nonzero=count_nonzero(A) + count_nonzero(B))
-        avg = jfusion.vanilla_average([A, B])
-        rec.add("vanilla averaging", 0.0, avg, acc(_predict(FEATURES, avg, xte)))
+        avg = jfusion.vanilla_average([A, B]).params
+        rec.add("vanilla averaging", 0.0, avg, acc(_predict(cfg.features, avg, xte)))
         for alignment in cfg.alignments:
             for alpha in cfg.alphas:
                 t = time.perf_counter()
                 # The first model aligned onto the second (target=-1, the paper's B); exact partial OT.
-                pf = jfusion.partial_fuse([A, B], SPEC, alpha, **alignment_kwargs(alignment, inputs))
+                pf = jfusion.partial_fuse([A, B], SPEC, alpha, target=-1, **alignment_kwargs(alignment, inputs))
                 jax.block_until_ready(pf.params)
                 if i > 0:
                     partial_s.append(time.perf_counter() - t)
@@ -300,16 +285,19 @@ def exp_pair(cfg: Config, data: Data, pair: Sequence[list[Any]], special: int, n
                 assert count_nonzero(pf.params) == int(pf.num_nonzero), "num_nonzero disagrees with a recount"
                 assert count_total(pf.params) == int(pf.num_parameters)
                 rec.add(f"partial fusion ({alignment})", alpha, pf.params, acc(_predict(f, pf.params, xte)))
+        if not cfg.prune_ensemble:
+            print(f"[{tag}] seed {s} done", flush=True)
+            continue
         # The block-diagonal ensemble network (alpha = 1: nothing matched, so alignment is moot).
-        ensemble_net = jfusion.partial_fuse([A, B], SPEC, 1.0).params
+        ensemble_net = jfusion.partial_fuse([A, B], SPEC, 1.0, target=-1).params
         prune_cells = [("structured pruning (delete)", "delete", "weights")]
         prune_cells += [(f"generalized pruning (merge, {a})", "merge", a) for a in cfg.alignments]
         for alpha in cfg.alphas:
-            widths = widths_for(alpha)
+            widths = widths_for(cfg.features, alpha)
             for name, method, alignment in prune_cells:
-                pruned = jfusion.prune(ensemble_net, SPEC, widths, method=method, **alignment_kwargs(alignment, inputs))
+                pruned = jfusion.prune(ensemble_net, SPEC, widths, method=method, **alignment_kwargs(alignment, inputs)).params
                 f = features_of(pruned)
-                info = {"share_B": origin_share(ensemble_net, pruned)} if method == "delete" else {}
+                info = {"share_B": origin_share(ensemble_net, pruned, cfg.features)} if method == "delete" else {}
                 rec.add(name, alpha, pruned, acc(_predict(f, pruned, xte)), **info)
         print(f"[{tag}] seed {s} done", flush=True)
     timings.setdefault("partial_fuse_warm_s", []).extend(partial_s)
@@ -319,40 +307,40 @@ def exp_pair(cfg: Config, data: Data, pair: Sequence[list[Any]], special: int, n
 # --- experiment 2: single-network compression ---------------------------------------------
 
 
-def exact_ok(mult: float) -> bool:
+def exact_ok(features: Sequence[int], mult: float) -> bool:
     """Exact OT between uniform measures needs one width to divide the other."""
-    widths = [max(1, int(round(mult * n))) for n in FEATURES[:-1]]
-    return all(n % w == 0 for n, w in zip(FEATURES[:-1], widths))
+    widths = [max(1, int(round(mult * n))) for n in features[:-1]]
+    return all(n % w == 0 for n, w in zip(features[:-1], widths))
 
 
-def exp_compression(cfg: Config, data: Data, models: dict[str, Any], timings: dict[str, float]) -> list[dict[str, Any]]:
+def exp_compression(cfg: Config, data: kit.Data, models: dict[str, Any], timings: dict[str, float]) -> list[dict[str, Any]]:
     rec = Recorder()
     xte = jnp.asarray(data.xte)
     solvers = {"Sinkhorn": jfusion.Sinkhorn(), "Exact": jfusion.Exact()}
     bary_s: list[float] = []
     for i, s in enumerate(cfg.seeds):
         C, D = models["C"][i], models["D"][i]
-        inputs = activation_batch(data, cfg.act_samples, s)
-        rec.add("dense model C", 1.0, C, accuracies(_predict(FEATURES, C, xte), data))
-        rec.add("dense model D", 1.0, D, accuracies(_predict(FEATURES, D, xte), data))
+        inputs = kit.activation_batch(data, cfg.act_samples, s)
+        rec.add("dense model C", 1.0, C, accuracies(_predict(cfg.features, C, xte), data))
+        rec.add("dense model D", 1.0, D, accuracies(_predict(cfg.features, D, xte), data))
         for mult in cfg.multipliers:
-            deleted = jfusion.prune(C, SPEC, mult, method="delete")
+            deleted = jfusion.prune(C, SPEC, mult, method="delete").params
             f = features_of(deleted)
             rec.add("delete (L1 of incoming weights)", mult, deleted, accuracies(_predict(f, deleted, xte), data))
             for alignment in cfg.alignments:
-                merged = jfusion.prune(C, SPEC, mult, method="merge", **alignment_kwargs(alignment, inputs))
+                merged = jfusion.prune(C, SPEC, mult, method="merge", **alignment_kwargs(alignment, inputs)).params
                 rec.add(f"merge ({alignment})", mult, merged, accuracies(_predict(f, merged, xte), data))
             if not cfg.extras:
                 continue
             for sname, solver in solvers.items():
-                if sname == "Exact" and not exact_ok(mult):
+                if sname == "Exact" and not exact_ok(cfg.features, mult):
                     continue
                 if cfg.quick and sname == "Sinkhorn":
                     continue
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", jfusion.ConvergenceWarning)
                     # OTFusion §5.2: the dense model fused into the pruned one's architecture.
-                    fused = jfusion.fuse([deleted, C], SPEC, target=0, solver=solver)
+                    fused = jfusion.fuse([deleted, C], SPEC, target=0, solver=solver).params
                     rec.add(f"delete + fuse dense into it ({sname})", mult, fused,
                             accuracies(_predict(f, fused, xte), data), unconverged=len(caught))
                 with warnings.catch_warnings(record=True) as caught:
@@ -390,16 +378,16 @@ def widths_str(row: dict[str, Any]) -> str:
     return "-".join(str(w) for w in row["features"])
 
 
-def pair_tables(pair: dict[str, Any]) -> str:
+def pair_tables(pair: dict[str, Any]) -> dict[str, kit.Table]:
     rows, names, special = pair["rows"], pair["names"], pair["special"]
     header = ["method", "alpha", "widths", "total params", "non-zero params", "test acc %", f"class {special} acc %"]
     base = []
     for m in (*names, "vanilla averaging", "prediction ensemble"):
         for r in rows_of(rows, m):
             alpha = "(≡ 1)" if "ensemble" in m else "–"
-            base.append([m, alpha, widths_str(r) if "ensemble" not in m else "2 × 100-100-100-10",
-                         fmt_count(r["total"]), fmt_count(r["nonzero"]), mean_std(r["acc"]), mean_std(r["special"])])
-    out = ["#### Parents and baselines\n\n" + md_table(header, base)]
+            base.append([m, alpha, widths_str(r) if "ensemble" not in m else "2 × " + widths_str(r),
+                         fmt_count(r["total"]), fmt_count(r["nonzero"]), kit.mean_std(r["acc"]), kit.mean_std(r["special"])])
+    out = {f"{pair['title']}: parents and baselines": kit.Table(header, base)}
     for m in methods_in(rows):
         if m.startswith(("partial", "structured", "generalized")):
             delete = m.startswith("structured")
@@ -408,17 +396,17 @@ def pair_tables(pair: dict[str, Any]) -> str:
                 label = f"{r['setting']:g}" + (" (OT fusion)" if m.startswith("partial") and r["setting"] == 0 else "")
                 label += " (ensemble)" if m.startswith("partial") and r["setting"] == 1 else ""
                 line = [m, label, widths_str(r), fmt_count(r["total"]), fmt_count(r["nonzero"]),
-                        mean_std(r["acc"]), mean_std(r["special"])]
+                        kit.mean_std(r["acc"]), kit.mean_std(r["special"])]
                 if delete:
                     shares = np.mean([x["share_B"] for x in r["info"]], axis=0)
                     line.append(" / ".join(f"{100 * v:.0f}%" for v in shares))
                 body.append(line)
             extra = [f"kept from {names[1].split(' (')[0]} (h0 / h1 / h2)"] if delete else []
-            out.append(f"#### {m}\n\n" + md_table(header + extra, body))
-    return "\n\n".join(out)
+            out[f"{pair['title']}: {m}"] = kit.Table(header + extra, body)
+    return out
 
 
-def compression_table(rows: list[dict[str, Any]]) -> str:
+def compression_table(rows: list[dict[str, Any]]) -> tuple[str, kit.Table]:
     dense = rows_of(rows, "dense model C")
     main = [m for m in methods_in(rows) if not m.startswith("dense")]
     header = ["multiplier", "widths", "params"] + main
@@ -433,32 +421,26 @@ def compression_table(rows: list[dict[str, Any]]) -> str:
         line = [f"{st:g}", widths_str(any_row), fmt_count(any_row["total"])]
         for m in main:
             r = cells.get((m, st))
-            line.append(mean_std(r["acc"]) if r else "–")
+            line.append(kit.mean_std(r["acc"]) if r else "–")
         body.append(line)
     d = dense[0]
-    intro = (f"Dense model C (multiplier 1, {fmt_count(d['total'])} params): {mean_std(d['acc'])}; "
-             f"dense model D: {mean_std(rows_of(rows, 'dense model D')[0]['acc'])}. "
-             "Every compressed network here is dense (total = non-zero parameters). Test accuracy %, "
-             "mean ± std over seeds.")
-    return intro + "\n\n" + md_table(header, body)
+    title = (f"Single-network compression (test accuracy %; all dense): dense model C ({fmt_count(d['total'])} params) "
+             f"{kit.mean_std(d['acc'])}, dense model D {kit.mean_std(rows_of(rows, 'dense model D')[0]['acc'])}")
+    return title, kit.Table(header, body)
 
 
-def barycenter_notes(rows: list[dict[str, Any]]) -> str:
-    lines = []
+def barycenter_notes(rows: list[dict[str, Any]]) -> kit.Table:
+    """Barycenter iterations and convergence per multiplier, and the solvers' ConvergenceWarnings."""
+    body = []
     for m in methods_in(rows):
-        if not m.startswith("barycenter"):
-            continue
-        parts = []
-        for r in rows_of(rows, m):
+        for r in rows_of(rows, m) if m.startswith("barycenter") else []:
             its = [x["iterations"] for x in r["info"]]
-            conv = sum(x["converged"] for x in r["info"])
-            parts.append(f"{r['setting']:g}: {min(its)}–{max(its)} it., {conv}/{len(its)} converged")
-        lines.append(f"- {m}: " + "; ".join(parts))
+            body.append([m, f"{r['setting']:g}", f"{min(its)}–{max(its)}", f"{sum(x['converged'] for x in r['info'])}/{len(its)}", "–"])
     for m in methods_in(rows):
-        if m.startswith("delete + fuse"):
+        if m.startswith(("delete + fuse", "barycenter")):
             bad = sum(x.get("unconverged", 0) for r in rows_of(rows, m) for x in r["info"])
-            lines.append(f"- {m}: {bad} ConvergenceWarning(s) from the solver")
-    return "\n".join(lines)
+            body.append([m, "all", "–", "–", str(bad)])
+    return kit.Table(["method", "multiplier", "iterations", "converged", "ConvergenceWarnings"], body)
 
 
 COLORS = {
@@ -479,15 +461,15 @@ COLORS = {
 
 def _err(ax, rows, key_x, key_y, label, color, marker="o", ls="-", annotate=False):
     x = np.array([np.mean(r[key_x]) for r in rows])
-    y = np.array([np.mean(r[key_y]) for r in rows])
-    e = np.array([np.std(r[key_y], ddof=1) if len(r[key_y]) > 1 else 0.0 for r in rows])
+    y = np.array([100 * np.mean(r[key_y]) for r in rows])
+    e = np.array([100 * np.std(r[key_y], ddof=1) if len(r[key_y]) > 1 else 0.0 for r in rows])
     ax.errorbar(x, y, yerr=e, label=label, color=color, marker=marker, ls=ls, ms=4, capsize=3, lw=1.3)
     if annotate:
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(f"{r['setting']:g}", (xi, yi), textcoords="offset points", xytext=(3, -10), fontsize=7, color=color)
 
 
-def plot_pair(pair: dict[str, Any], path: str) -> str:
+def plot_pair(pair: dict[str, Any], features: Sequence[int]) -> Any:
     rows, names, special = pair["rows"], pair["names"], pair["special"]
     fig, axes = plt.subplots(2, 2, figsize=(15, 10.5))
     panels = [("nonzero", "acc", "test accuracy % vs non-zero parameters", False),
@@ -507,7 +489,7 @@ def plot_pair(pair: dict[str, Any], path: str) -> str:
             if r:
                 _err(ax, r, kx, ky, m, c, marker=mk, ls="none")
         if zoom:
-            top = max(np.mean(r["acc"]) for r in rows)
+            top = 100 * max(np.mean(r["acc"]) for r in rows)
             ax.set_ylim(top - 12.0, top + 1.5)
             title += " (labels: alpha of partial fusion (activations))"
         ax.set_title(title, fontsize=10)
@@ -516,15 +498,13 @@ def plot_pair(pair: dict[str, Any], path: str) -> str:
     axes[0, 0].set_ylabel("accuracy % (mean ± std over seeds)")
     axes[1, 0].set_ylabel("accuracy % (mean ± std over seeds)")
     axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{pair['title']}, Fashion-MNIST MLP 784-100-100-100-10, no retraining:\npartial fusion "
+    fig.suptitle(f"{pair['title']}, MLP {'-'.join(map(str, features))}, no retraining:\npartial fusion "
                  "(labels: alpha) vs pruning the ensemble network to the same widths", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_compression(rows: list[dict[str, Any]], path: str) -> str:
+def plot_compression(rows: list[dict[str, Any]]) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, log in zip(axes, (False, True)):
         for m in methods_in(rows):
@@ -537,7 +517,7 @@ def plot_compression(rows: list[dict[str, Any]], path: str) -> str:
         for m, ls in (("dense model C", "-"),):
             r = rows_of(rows, m)
             if r:
-                ax.axhline(np.mean(r[0]["acc"]), color="k", ls=ls, lw=0.8, label="dense model C (uncompressed)")
+                ax.axhline(100 * np.mean(r[0]["acc"]), color="k", ls=ls, lw=0.8, label="dense model C (uncompressed)")
         ax.axhline(10.0, color="gray", ls=":", lw=0.8)
         ax.set_xlabel("parameters (all dense: total = non-zero)")
         ax.grid(alpha=0.3)
@@ -549,66 +529,21 @@ def plot_compression(rows: list[dict[str, Any]], path: str) -> str:
     axes[0].set_ylabel("test accuracy % (mean ± std over seeds)")
     axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def settings_block(cfg: dict[str, Any], sizes: Sequence[int]) -> str:
-    seeds = cfg["seeds"]
-    return "\n".join([
-        f"- data: Fashion-MNIST (Debian's IDX files via `jfusion.data.load_dataset('fashion_mnist')`), "
-        f"{'a stratified subset: ' if cfg['quick'] else ''}{sizes[2]} training / {cfg['n_test']} test images, "
-        "pixels in [0, 1], no augmentation, no validation-based choices",
-        f"- model: `MLP({FEATURES})` (784-100-100-100-10, ReLU, biases, no BatchNorm)",
-        f"- training: optax SGD, lr {cfg['learning_rate']}, momentum {cfg['momentum']}, batch {cfg['batch_size']}, "
-        f"{cfg['epochs']} epochs over each model's own data, no weight decay or schedule (OTFusion's MNIST "
-        "defaults, as in `examples/otfusion_experiments.py`); no retraining after any fusion or pruning",
-        f"- specialist pair: `special_class_split(train_labels, special={SPECIAL}, fraction=0.1, seed=s)`; "
-        f"A = all of class {SPECIAL} ({CLASS_NAMES[SPECIAL]}) + 10% of every other class ({sizes[0]} images), "
-        f"B = the other 90% without class {SPECIAL} ({sizes[1]} images)"
-        + (f"; the sensitivity check's A', B' likewise with special class {cfg['second_special']} "
-           f"({CLASS_NAMES[cfg['second_special']]})" if cfg.get("extra_pairs") else ""),
-        f"- seeds s = {seeds}: the split, A's init (1000+s) and batch order (s), B's init (2000+s) and order "
-        "(100+s) (A', B' the same); the full-data models C (init 3000+s, order 200+s) and D (init 4000+s, "
-        "order 300+s)",
-        "- partial fusion: `jfusion.partial_fuse([A, B], spec, alpha, alignment=...)`, A aligned onto B "
-        "(target=-1), exact partial OT (`Exact()`: Hungarian on the sink-padded cost), Euclidean ground metric, "
-        "uniform model weights (logits averaged with 1/2 each); hidden widths 100 + round(100 alpha)",
-        f"- alignment: {', '.join(cfg['alignments'])}. 'weights' = incoming weights with OTFusion's past "
-        f"correction; 'activations' = pre-activations on {cfg['act_samples']} random training images "
-        "(all classes, drawn per seed; `jfusion.Activations` of an MLP rebuilt from the kernel shapes)",
-        "- ensemble network = `partial_fuse([A, B], spec, 1.0).params` (block-diagonal, width 200, computes the "
-        "logit average exactly); pruned back to widths 100 + round(100 alpha) with `jfusion.prune(..., "
-        "method='delete')` (keeps the neurons of largest incoming-weight L1 norm) or `method='merge'` (k-means, 20 "
-        "Lloyd iterations, on weight or activation supports)",
-        "- prediction ensemble: `jfusion.ensemble_apply` (logit average), counted as 2 × the single model's "
-        "parameters; vanilla averaging: `jfusion.vanilla_average([A, B])`",
-        "- compression: model C pruned with `jfusion.prune(C, spec, multiplier, method=...)`; 'delete + fuse "
-        "dense into it' = `jfusion.fuse([prune(C, m, 'delete'), C], spec, target=0, solver=...)` (OTFusion §5.2, "
-        "weights alignment, uniform weights); barycenter = `jfusion.barycenter_fuse([C, D], spec, widths=m, "
-        "solver=...)` (initialised from C merged to the widths, weights alignment, ≤ 100 iterations, tol 1e-5). "
-        "Exact OT needs one width to divide the other, so the Exact variants exist only at multipliers whose "
-        "widths divide 100; the Sinkhorn variants (`Sinkhorn()`: epsilon 0.01 relative to the mean cost) run "
-        "at every multiplier",
-        "- parameter counts: 'total' = every entry of the arrays, 'non-zero' = `np.count_nonzero` (checked "
-        "equal to `PartialFusion.num_nonzero`); mean ± std = sample std (ddof = 1) over the seeds",
-        f"- jfusion {getattr(jfusion, '__version__', '0.1.0')}, JAX {jax.__version__}, backend {jax.default_backend()}",
-    ])
+    return fig
 
 
 def pair_checks(pair: dict[str, Any]) -> list[str]:
     """Computed statements about one pair that the reading relies on."""
     rows, names = pair["rows"], pair["names"]
     lines = []
-    ens = np.mean(rows_of(rows, "prediction ensemble")[0]["acc"])
-    best = max(np.mean(rows_of(rows, n)[0]["acc"]) for n in names)
+    ens = 100 * np.mean(rows_of(rows, "prediction ensemble")[0]["acc"])
+    best = 100 * max(np.mean(rows_of(rows, n)[0]["acc"]) for n in names)
     lines.append(f"- prediction ensemble {ens:.2f} vs the better parent {best:.2f} (mean)")
     for m in methods_in(rows):
         if not m.startswith("partial"):
             continue
         r = rows_of(rows, m)
-        acc = [np.mean(x["acc"]) for x in r]
+        acc = [100 * np.mean(x["acc"]) for x in r]
         mono = all(b >= a - 0.3 for a, b in zip(acc, acc[1:]))
         lines.append(
             f"- {m}: mean accuracy from alpha={r[0]['setting']:g} to {r[-1]['setting']:g}: "
@@ -633,15 +568,12 @@ def pair_checks(pair: dict[str, Any]) -> list[str]:
     return lines
 
 
-def summary_checks(pairs: dict[str, Any], comp: list[dict[str, Any]]) -> str:
+def summary_checks(pairs: dict[str, Any], comp: list[dict[str, Any]]) -> kit.Table:
     """Computed statements the reading relies on (so a rerun with other numbers shows it)."""
     lines = []
     for pair in pairs.values():
-        lines.append(f"{pair['title']}:\n")
-        lines += pair_checks(pair)
-        lines.append("")
+        lines += [f"{pair['title']}: {line[2:]}" for line in pair_checks(pair)]
     if comp:
-        lines.append("Single-network compression:\n")
         d = {x["setting"]: x for x in rows_of(comp, "delete (L1 of incoming weights)")}
         for m in methods_in(comp):
             if m.startswith(("dense", "delete (")):
@@ -650,105 +582,20 @@ def summary_checks(pairs: dict[str, Any], comp: list[dict[str, Any]]) -> str:
             inner = [s for s in mg if s < 1 and s in d]
             if inner:
                 wins = sum(np.mean(mg[s]["acc"]) > np.mean(d[s]["acc"]) for s in inner)
-                lines.append(f"- {m} > delete at {wins} of {len(inner)} multipliers < 1 (means)")
-    return "\n".join(lines)
+                lines.append(f"- single-network compression: {m} > delete at {wins} of {len(inner)} multipliers < 1 (means)")
+    return kit.Table(["computed check"], [[line.removeprefix("- ")] for line in lines])
 
 
 def pair_figure(key: str) -> str:
     return "partial_fusion.png" if key == "specialist" else f"partial_fusion_{key}.png"
 
 
-def write_report(out: str, res: dict[str, Any], reading: str) -> str:
-    cfg = res["config"]
-    t = res["timings"]
-    pairs, comp = res["pairs"], res["compression"]
-    for key, pair in pairs.items():
-        plot_pair(pair, os.path.join(out, pair_figure(key)))
-    if comp:
-        plot_compression(comp, os.path.join(out, "partial_fusion_compression.png"))
-    sections = [
-        "# Partial fusion, barycenter fusion into any width, generalized pruning",
-        "Morelli & Eckstein, *Partial Fusion of Neural Networks* (ICML 2026) reproduced with jfusion on "
-        "Fashion-MNIST (the paper uses MNIST), MLP 784-100-100-100-10. No retraining after any fusion or "
-        "pruning.",
-        f"Command: `{res['command']}`  \n"
-        f"Measured runtime: {fmt_seconds(t['total_s'])} in all (training {fmt_seconds(t['train_s'])}, "
-        f"experiment 1 {fmt_seconds(t.get('pair_s', 0.0))}, experiment 2 {fmt_seconds(t.get('compression_s', 0.0))}) "
-        f"on {t.get('machine', '?')}. Most of the fusion time is XLA compilation (one program per distinct width); "
-        f"a warm `partial_fuse` call takes {1000 * t.get('partial_fuse_warm_median_s', float('nan')):.0f} ms "
-        "(median).",
-        "## Settings\n\n" + settings_block(cfg, res["sizes"]),
-        "## Reading\n\n" + reading.strip(),
-        "## 1. Partial fusion: accuracy vs parameters",
-        "Test accuracy %, mean ± std over seeds. Parameter counts: total = every entry of the dense arrays; "
-        "non-zero = what a sparse implementation would store (partial fusion leaves zero blocks between the "
-        "two models' isolated neurons; deleting neurons from the block-diagonal ensemble network keeps its "
-        "zero blocks; merging neurons of different models fills them). The pruning rows are the ensemble "
-        "network (width 200) pruned to the widths of partial fusion at the same alpha. In each figure, left: "
-        "accuracy against non-zero parameters (the numbers at the partial-fusion (weights) points are alpha); "
-        "middle: against total parameters; right: accuracy on the pair's special class. Error bars: std over "
-        "seeds.",
-    ]
-    for key, pair in pairs.items():
-        sections += [
-            f"### {pair['title']}",
-            pair["description"],
-            f"![{pair['title']}]({pair_figure(key)})",
-            pair_tables(pair),
-        ]
-    if comp:
-        sections += [
-            "## 2. Single-network compression",
-            "![single-network compression](partial_fusion_compression.png)\n\n"
-            "One MLP (C, trained on all the training data) compressed to width multiplier m (every hidden layer "
-            "to round(100 m) neurons), without retraining. Barycenter fusion uses a second full-data model D.",
-            compression_table(comp),
-            "Barycenter iterations and solver convergence:\n\n" + barycenter_notes(comp),
-        ]
-    sections += [
-        "## Computed checks\n\n" + summary_checks(pairs, comp),
-        "## jfusion limitations met\n\n" + LIMITATIONS.strip(),
-    ]
-    path = os.path.join(out, "partial_fusion.md")
-    with open(path, "w") as f:
-        f.write("\n\n".join(s.strip("\n") for s in sections) + "\n")
-    return path
-
-
-LIMITATIONS = """
-- **Activation alignment of models of different widths in one `fuse` call** (found by this
-  experiment, fixed since): with `fuse([pruned, dense], spec, target=0, alignment=...)`
-  every model's activations were computed with one module, so the pruned model failed with
-  flax's `ScopeParamShapeError`. `Activations.from_module(small, modules=(small, big))` now
-  runs each model through a module of its own widths. The numbers below were produced
-  before that, so "delete + fuse dense" ran with weight alignment only; this script's
-  `mlp_activations_any_width` (an MLP rebuilt from the parameter shapes) served activation
-  alignment elsewhere.
-- **Exact OT needs one width to divide the other** (documented: `FusionInputError` "use
-  jfusion.Sinkhorn() for other width ratios"). For fusing into widths 90, 80, 70, ... only
-  Sinkhorn works, so the Exact curves have 4 points (multipliers 1, 0.5, 0.2, 0.1). Where
-  both run, Sinkhorn was better in 5 of 6 cases here (see the table), so this did not hurt
-  these results. A transport LP for arbitrary uniform marginals (e.g. network simplex, as `ot.emd` in OTFusion's code) would remove this.
-- **`prune(method="delete")` ignores outgoing connectivity.** Neurons are ranked group by
-  group in topological order on their incoming weights only, so on the block-diagonal
-  ensemble network it keeps first-layer neurons of model A whose every reader in the next
-  layer is later deleted (in the Coat pair at width 100, 29 of the 100 kept `h0` neurons are
-  A's, while all kept `h1`/`h2` neurons are B's): almost a third of the first layer is dead. This is
-  the documented criterion (Li et al. 2017), not a bug, but a backward pass or an
-  outgoing-weight term would avoid it. `prune` also returns neither the kept indices nor the
-  clusters; this script recovers them by matching weights (`origin_share`).
-- **`prune(method="delete")` with activation supports** ranks neurons by the L1 norm of their
-  activations (the docstring said incoming weights; it now says supports); this script only
-  uses delete with weight supports.
-"""
-
-
 # --- main ---------------------------------------------------------------------------------
 
 
-def run(cfg: Config, argv: Sequence[str]) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
-    data = load_data(cfg.train_subsample, cfg.test_subsample)
+    data = kit.load_data(cfg.data, cfg.train_subsample, cfg.test_subsample)
     models = train_all(cfg, data)
     train_s = time.perf_counter() - start
     n_models = sum(len(v) for k, v in models.items() if k != "sizes")
@@ -808,10 +655,8 @@ def run(cfg: Config, argv: Sequence[str]) -> dict[str, Any]:
     comp = exp_compression(cfg, data, models, timings)
     timings["compression_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
-    timings["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs), JAX backend {jax.default_backend()}"
     return {
-        "command": command_line("partial_fusion.py", argv),
-        "config": {**dataclasses.asdict(cfg), "n_test": int(len(data.yte))},
+        "config": {**dataclasses.asdict(cfg), "n_test": len(data.yte)},
         "sizes": list(sizes),
         "timings": timings,
         "pairs": pairs,
@@ -819,102 +664,42 @@ def run(cfg: Config, argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def reading_text(cfg: dict[str, Any]) -> str:
-    if cfg["quick"]:
-        return "(quick smoke-test run: tiny budget, 1 epoch, the numbers are not meaningful)"
-    return READING
+def report(res: dict[str, Any]) -> tuple[dict[str, kit.Table], dict[str, Any]]:
+    """Tables and figures of a run's results (fresh, or read back by ``--report-only``)."""
+    features = res["config"]["features"]
+    tables: dict[str, kit.Table] = {}
+    figures = {}
+    for key, pair in res["pairs"].items():
+        tables.update(pair_tables(pair))
+        figures[pair_figure(key)] = plot_pair(pair, features)
+    if res["compression"]:
+        title, table = compression_table(res["compression"])
+        tables[title] = table
+        tables["Barycenter iterations and solver convergence"] = barycenter_notes(res["compression"])
+        figures["partial_fusion_compression.png"] = plot_compression(res["compression"])
+    tables["Computed checks"] = summary_checks(res["pairs"], res["compression"])
+    t = res["timings"]
+    tables["Timings"] = kit.Table(["part", "seconds"], [[k, f"{v:.3f}"] for k, v in t.items() if isinstance(v, float)])
+    return tables, figures
 
 
-READING = """
-All numbers are test accuracy, mean over 3 seeds, no retraining after fusion or pruning.
-
-**Sanity.** `partial_fuse` at alpha = 1 reproduces the logit-averaging ensemble exactly
-(78.87 = 78.87, 86.55 = 86.55, 79.54 = 79.54), alpha = 0 is OT fusion (`fuse`), the hidden
-widths are 100 (1 + alpha), and its `num_nonzero` agrees with a recount in every run.
-
-**Does partial fusion trace a useful trade-off?** It traces a *monotone* one: with
-activation alignment accuracy rises steadily from OT fusion to the ensemble in all three
-pairs (specialist: 72.8 → 74.5 → 76.8 → 77.5 → 78.0 → 78.7 → 78.9; full-data pair: 81.4 →
-84.3 → 84.9 → 85.6 → 85.9 → 86.4 → 86.6), and most of the gap is closed by alpha ≈ 0.4–0.5,
-i.e. at about 75% of the ensemble's non-zero parameters. Weight alignment is far worse at
-small alpha (OT fusion 47.4 ± 8.6 and 68.0 ± 11.2) and noisier, and is not even monotone
-in the Trouser pair; activation alignment is better at 17 of the 18 alpha < 1 cells.
-But the trade-off is only as useful as the ensemble's gain, and here that gain is small or
-negative: in the brief's Coat pair the ensemble (78.87) is *below* the generalist B (80.32),
-and in the full-data pair it is +0.5 points over one parent (86.55 vs 86.06). So at every
-alpha < 0.8, in every pair, one plain parent (99.7k parameters) beats the partial fusion
-that costs more. The skill-transfer premise fails for Coat: no combined model, the ensemble included,
-classifies a single coat correctly (B, which never saw the class, pushes its logit down
-hard and the logit average follows B; Coat is also easily confused with Pullover and
-Shirt). In the Trouser sensitivity check (chosen after seeing this) the ensemble recovers
-40% of the special class and beats the better parent by 0.8 points, and partial fusion recovers
-the special class only at alpha ≥ 0.6–0.8 (activations: 0, 0, 0, 1.5, 10, 38, 40% as alpha
-goes 0 → 1): the specialist's skill survives in its isolated neurons, not in fused ones.
-
-**Pruning the ensemble network instead.** At the same widths, generalized pruning by
-merging with activation supports is at least as accurate as partial fusion (activations)
-at every interior alpha in all three pairs, *and* it has fewer non-zero parameters
-(clusters of one model's neurons keep the zero blocks), so on the main plot (accuracy vs
-non-zero parameters) merge (activations) lies on or above partial fusion everywhere, e.g.
-full-data pair at width 100: 82.9 with 94.9k non-zero vs OT fusion 81.4 with 99.7k; at
-width 150: 85.9 with 147k vs 85.6 with 155k. Merging can also combine redundant neurons of
-the *same* model, which a partial OT matching between the models cannot. Structured pruning
-(delete) looks best in the Coat pair, but only because it essentially returns B: B's neurons have
-the larger incoming weights (B trained 4.3× more steps), so deletion keeps 71% / 100% / 100%
-of B's neurons at width 100 (79.1, vs B's 80.3), and A's 29 kept first-layer neurons are dead weight
-(nothing downstream reads them). Where the parents are comparable (full-data pair), deleting
-down to width 100 mixes the two networks and costs more than merging on activations (79.5
-vs 82.9; merging on weights is worse still, 74.8); from alpha ≥ 0.5 all five curves except
-weight-aligned partial fusion are within a point of each other.
-
-**Merge vs delete on one network.** Removing 10–20% of the neurons costs every method at
-most 2.3 points (delete is even slightly ahead of merge by weights at 0.9–0.7). Beyond that
-merging wins clearly, and merging on activations most: multiplier 0.5: merge (activations)
-78.2, merge (weights) 72.0, delete 70.3; 0.3: 65.4 / 53.3 / 37.1. Fusing the dense model
-into the deleted one (OTFusion §5.2) repairs much of the deletion damage (0.5: 77.7 with
-Sinkhorn; better than delete at 8 of 9 multipliers) and stays within 1.6 points of merging on
-activations down to 0.5. Barycenter fusion of two full-data models into the small widths
-is poor everywhere except at multiplier 0.1 (35.2 ± 10.8 with Sinkhorn, the best there,
-where every method is nearly useless): without retraining, averaging two independently
-trained networks already costs 10–18 points at full width (76.3 with Sinkhorn, 68.0 ± 11.2
-with Exact, vs 86.0 for each parent). Where both solvers run, Sinkhorn is better in 5 of
-6 cases (e.g. fuse-into-pruned at 0.5: 77.7 vs 70.4): its soft plans average several
-neurons per slot.
-
-**Against the paper.** Only the abstract is available here, so only its qualitative claims
-can be checked. Reproduced: partial fusion interpolates between weight aggregation and the
-ensemble, giving a monotone accuracy/compute curve (with activation alignment), and
-generalized pruning (merging) of a single network beats deletion at strong compression.
-Not reproduced: the premise that the ensemble clearly beats its members (small or
-negative gains here), and in this setting partial fusion via partial OT is not the best
-way to spend a parameter budget: merging the ensemble network by k-means on activations
-dominates it, and in the specialist pair deleting down to the stronger parent dominates
-both. Likely reasons: Fashion-MNIST instead of MNIST (and Coat, a confusable class), short
-SGD training (parents at 86% rather than well converged), no retraining after fusion, and
-models trained for unequal numbers of steps in the specialist split.
-"""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke test (< 1 min)")
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny MLPs on digits, one seed")
     parser.add_argument("--out", default=None, help="output directory (default examples/results; a temp dir with --quick)")
-    parser.add_argument("--report-only", action="store_true", help=f"rebuild report and figures from {RESULTS_JSON}")
+    parser.add_argument("--report-only", action="store_true", help="rebuild tables and figures from --out's partial_fusion_numbers.json")
     args = parser.parse_args(argv)
-    default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    out = args.out or (tempfile.mkdtemp(prefix="partial_fusion_") if args.quick else default_out)
-    os.makedirs(out, exist_ok=True)
+    out = kit.output_dir(args.out, args.quick, "partial_fusion")
     if args.report_only:
-        with open(os.path.join(out, RESULTS_JSON)) as f:
-            res = json.load(f)
+        res = json.loads((out / "partial_fusion_numbers.json").read_text())["data"]
     else:
-        cfg = QUICK if args.quick else Config()
-        res = run(cfg, argv)
-        with open(os.path.join(out, RESULTS_JSON), "w") as f:
-            json.dump(res, f, indent=1)
-    path = write_report(out, res, reading_text(res["config"]))
-    print(f"wrote {path} (+ figures, {RESULTS_JSON}); total {res['timings']['total_s']:.0f} s")
+        res = run(quick() if args.quick else Config())
+    tables, figures = report(res)
+    return kit.write_report(
+        out, "partial_fusion", title="Partial fusion, barycenter fusion into any width, generalized pruning",
+        settings=res["config"], tables=tables, data=res, figures=figures, script="partial_fusion.py", argv=argv,
+        runtime_s=res["timings"]["total_s"],
+    )
 
 
 if __name__ == "__main__":
