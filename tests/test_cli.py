@@ -72,7 +72,7 @@ def test_train_writes_one_checkpoint_per_seed_with_spec_and_metadata(parents):
         # One case for the rest: each new solver or target compiles another program.
         (
             ["--solver", "sinkhorn", "--epsilon", "0.05", "--weights", "1", "2", "1", "--target", "1"],
-            {"solver": jfusion.Sinkhorn(epsilon=0.05), "weights": [1.0, 2.0, 1.0], "target": 1},
+            {"solver": jfusion.Sinkhorn(epsilon=0.05), "model_weights": [1.0, 2.0, 1.0], "target": 1},
         ),
     ],
     ids=["exact", "sinkhorn-weights-target"],
@@ -92,7 +92,7 @@ def test_fuse_writes_what_jfusion_fuse_computes(parents, tmp_path, flags, kwargs
     record = metadata["fusion"]
     assert record["parents"] == [str(p.resolve()) for p in paths]
     assert record["solver"] == ("sinkhorn" if "--solver" in flags else "exact")
-    assert record["weights"] == kwargs.get("weights") and record["target"] == target
+    assert record["weights"] == kwargs.get("model_weights") and record["target"] == target
 
 
 def test_train_then_fuse_by_activations_and_evaluate(parents, tmp_path, capsys):
