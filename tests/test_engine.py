@@ -167,8 +167,7 @@ def test_equal_configuration_objects_do_not_recompile():
     compiled = engine.fusion_program._cache_size()
     # New but equal objects: a Spec rebuilt from its dict, a new solver, a new module.
     rebuilt = jfusion.ByActivations.from_module(MLP((8, 6, 3)))
-    jfusion.fuse(others, jfusion.Spec(SPEC.as_dict()), solver="sinkhorn" if False else jfusion.Sinkhorn(epsilon=0.05),
-                 alignment=rebuilt, inputs=X + 1.0)
+    jfusion.fuse(others, jfusion.Spec(SPEC.as_dict()), solver=jfusion.Sinkhorn(epsilon=0.05), alignment=rebuilt, inputs=X + 1.0)
     assert engine.fusion_program._cache_size() == compiled
     jfusion.fuse(others, SPEC, solver=jfusion.Sinkhorn(epsilon=0.06), alignment=rebuilt, inputs=X)
     assert engine.fusion_program._cache_size() == compiled + 1  # another epsilon is another program
