@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import jfusion
@@ -183,7 +183,7 @@ def test_gradients_through_sinkhorn_at_the_defaults_match_finite_differences():
 MISTAKES = ["none", "missing leaf", "renamed group", "wrong view", "extra leaf"]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     width=st.integers(1, 5),
     dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
@@ -192,6 +192,7 @@ MISTAKES = ["none", "missing leaf", "renamed group", "wrong view", "extra leaf"]
     mistake=st.sampled_from(MISTAKES),
     seed=st.integers(0, 1000),
 )
+@example(width=1, dtype=jnp.float16, scale=1e6, solver="exact", mistake="none", seed=0)  # the overflow CI once drew
 def test_fuzz_every_cell_is_a_clear_error_or_the_planted_truth(width, dtype, scale, solver, mistake, seed):
     model = MLP((width, width, 2))
     original = jax.tree.map(lambda x: (x * scale + 0.1 * scale).astype(dtype), model.init(jax.random.key(seed), jnp.ones((1, 3))))
@@ -207,13 +208,15 @@ def test_fuzz_every_cell_is_a_clear_error_or_the_planted_truth(width, dtype, sca
         axes["params/Dense_9/kernel"] = ("h1", None)
     copy = jfusion.permute(jax.tree.map(lambda x: x.astype(jnp.float32), original), spec, jax.random.key(seed + 1))[0]
     copy = jax.tree.map(lambda x: x.astype(dtype), copy)
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(original))
     try:
         result = jfusion.fuse([original, copy], jfusion.Spec(axes), solver=jfusion.Sinkhorn(epsilon=1e-3) if solver == "sinkhorn" else "exact")
     except (jfusion.JFusionError, ValueError, TypeError) as err:
-        assert mistake != "none", err
+        # float16 overflows at 65504, so a 1e6 scale plants Inf in the models themselves
+        assert mistake != "none" or not finite, err
         assert any(part in str(err) for part in ("params/", "group", "view")), err
         return
-    assert mistake == "none"
+    assert mistake == "none" and finite
     if solver == "exact":
         tolerance = scale * (1e-2 if dtype != jnp.float32 else 1e-5)
         assert max_tree_difference(result.params, original) <= tolerance
