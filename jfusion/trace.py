@@ -524,7 +524,7 @@ _ELEMENTWISE = (
     "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or",
     "polygamma", "population_count", "pow", "real", "reduce_precision", "rem", "round", "rsqrt",
     "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin",
-    "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor", "zeta",
+    "sinh", "sqrt", "square", "stop_gradient", "sub", "tan", "tanh", "xor", "zeta",
 )
 # Random bits and iota are positional (a mask or an index per position): pinned.
 _POSITIONAL = (
