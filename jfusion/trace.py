@@ -771,15 +771,24 @@ def trace_spec(
 
         def call(state: PyTree, args: tuple) -> Any:
             return nnx.merge(graphdef, state)(*args, **kwargs)
+
+        def traced(state: PyTree, args: tuple) -> tuple[Any, PyTree]:
+            # The state after the call too: a BatchNorm in training mode only writes its
+            # running statistics, which must still be permuted with their channels.
+            module = nnx.merge(graphdef, state)
+            return module(*args, **kwargs), nnx.state(module)
     else:
         args = example_args
 
         def call(variables: PyTree, args: tuple) -> Any:
             return apply_fn(variables, *args, **kwargs)
 
+        def traced(variables: PyTree, args: tuple) -> tuple[Any, PyTree]:
+            return call(variables, args), None
+
     leaves, _ = flatten(variables)
     paths = list(leaves)
-    closed = jax.make_jaxpr(call)(variables, args)
+    closed, (outputs, updated) = jax.make_jaxpr(traced, return_shape=True)(variables, args)
     tracer = _Tracer(paths, unknown)
     jaxpr = closed.jaxpr
     frame = 0
@@ -794,8 +803,16 @@ def trace_spec(
         else:
             tracer.pin(*axes)
     tracer.walk(frame, jaxpr)
-    for var in jaxpr.outvars:
+    num_outputs = len(jax.tree.leaves(outputs))
+    for var in jaxpr.outvars[:num_outputs]:
         tracer.pin(*tracer.axes(frame, var))
+    # An updated variable is the same leaf after the call: permuted as the leaf is.
+    for var, path in zip(jaxpr.outvars[num_outputs:], flatten(updated)[0], strict=True):
+        new_axes = tracer.axes(frame, var)
+        if path in leaf_axes and len(leaf_axes[path]) == len(new_axes):
+            tracer.tie_axes(leaf_axes[path], new_axes)
+        else:
+            tracer.pin(*new_axes)
     spec = _build_spec(tracer, leaf_axes, {p: tuple(getattr(x, "shape", ())) for p, x in leaves.items()})
     if check and spec.groups:
         try:
