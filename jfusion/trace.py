@@ -738,15 +738,20 @@ def trace_spec(
     ``"stage0_block0/conv1"``); reshaped axes become views (``((49, "Conv_1"), "Dense_0")``).
     See the module docstring for the idea.
 
-    Trace the inference function (e.g. ``train=False``): outputs are pinned, so returning
-    updated batch statistics would pin their channels.
+    With a linen ``apply``, trace the inference function (``train=False``): outputs are
+    pinned, so returning updated batch statistics (``mutable=...``) would pin their channels.
 
     Args:
       apply_fn: ``apply_fn(variables, *example_args, **kwargs)``, e.g. a linen
         ``model.apply``; or an ``nnx.Module``, traced as
         ``nnx.merge(*nnx.split(module))(*example_args, **kwargs)`` with paths of its
-        ``nnx.State`` (``variables`` is then None, or the first example argument).
-      variables: the variables pytree (linen ``{"params": ..., "batch_stats": ...}``).
+        ``nnx.State`` (``variables`` is then None, or the first example argument). The
+        state the call leaves behind is traced too and tied to the state it started from,
+        so variables the call only updates (BatchNorm statistics in training mode) are
+        labelled with their channels.
+      variables: the variables pytree (linen ``{"params": ..., "batch_stats": ...}``);
+        ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape(model.init, ...)``) trace too,
+        with ``check=False``.
       example_args: example inputs (arrays or pytrees of them); only their shapes are
         traced, but ``check`` runs the model on them.
       unknown: ``"error"`` raises :class:`TraceError` at a primitive without a rule;
@@ -815,6 +820,8 @@ def trace_spec(
             tracer.pin(*new_axes)
     spec = _build_spec(tracer, leaf_axes, {p: tuple(getattr(x, "shape", ())) for p, x in leaves.items()})
     if check and spec.groups:
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves.values()):
+            raise ValueError("check=True runs the model, so it needs arrays; trace shapes with check=False")
         try:
             # One compiled program for the check's applications (eager ops compile one by one).
             check_spec(jax.jit(call), variables, spec, args, seed=seed)
