@@ -14,8 +14,9 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
 * Alignment by :class:`ByWeights` (default) or :class:`ByActivations`.
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
-* Layer topology: :class:`Spec`, checked with :func:`check_spec`; :func:`permute` plants
-  random permutations. K models: :func:`stack_models`, :func:`unstack_models`.
+* Layer topology: :class:`Spec`, traced from the model by :func:`trace_spec` or written by
+  hand, checked with :func:`check_spec`; :func:`permute` plants random permutations.
+  K models: :func:`stack_models`, :func:`unstack_models`.
 """
 
 from jfusion.check import check_spec, permute
@@ -33,6 +34,7 @@ from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.methods.fuse import Fusion, fuse, fuse_with
 from jfusion.methods.partial import PartialFusion, partial_fuse
 from jfusion.methods.prune import prune
+from jfusion.trace import TraceError, trace_spec
 
 __all__ = [
     "Alignment",
@@ -55,6 +57,7 @@ __all__ = [
     "Solver",
     "Spec",
     "SpecError",
+    "TraceError",
     "align",
     "barycenter_fuse",
     "check_spec",
@@ -67,6 +70,7 @@ __all__ = [
     "prune",
     "recalibrate_batch_stats",
     "stack_models",
+    "trace_spec",
     "unstack_models",
     "vanilla_average",
 ]
