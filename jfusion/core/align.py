@@ -118,6 +118,11 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+@jax.jit  # one program per tree structure, not one per leaf shape
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 def _check_finite(leaves: Mapping[str, Any], what: str, model_axis: bool = False) -> None:
     """Raise on NaN/Inf in concrete leaves (traced ones cannot be inspected)."""
     checked = {
@@ -130,7 +135,7 @@ def _check_finite(leaves: Mapping[str, Any], what: str, model_axis: bool = False
     # One reduction per leaf on the device and one transfer; details only for a bad leaf. Eager
     # even inside a trace (concrete leaves closed over by a jitted function).
     with jax.ensure_compile_time_eval():
-        finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked.values()]))
+        finite = np.asarray(_finite_flags(list(checked.values())))
     for (path, x), ok in zip(checked.items(), finite):
         if not ok:
             index = np.argwhere(~np.isfinite(np.asarray(x)))[0].tolist()

@@ -40,6 +40,11 @@ def model_weights(weights: jax.Array | Sequence[float] | None, num_models: int) 
             raise FusionInputError(
                 f"model_weights must be finite, non-negative and not all zero; got {values.tolist()}"
             )
+    return _sum_to_one(w)
+
+
+@jax.jit  # one small program, not five eager ones, per call outside a trace
+def _sum_to_one(w: jax.Array) -> jax.Array:
     # Scale by a power of two first (exact), so the sum of weights near float32's maximum
     # cannot overflow; XLA divides by multiplying with the reciprocal, which would flush.
     w = jnp.ldexp(w, -jnp.frexp(jnp.max(w))[1])
