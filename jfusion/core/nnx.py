@@ -37,7 +37,10 @@ def fresh(graphdef: nnx.GraphDef, *states: nnx.State, train: bool) -> nnx.Module
     The mode is set on the new module (``Module.train()`` / ``eval()``: BatchNorm's
     ``use_running_average``, Dropout's ``deterministic``), so the caller's module keeps its own.
     """
-    module = nnx.merge(graphdef, *states)
+    # copy: merge may reuse the states' Variable objects, which belong to the trace that made
+    # them; a BatchNorm writing its statistics under an inner trace (grad in a training
+    # step) may only write Variables of its own.
+    module = nnx.merge(graphdef, *states, copy=True)
     if train:
         module.train()
     else:
