@@ -26,7 +26,7 @@ from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionErr
 from jfusion.core.plans import BalancedPlans, PlanProducer
 from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
 from jfusion.core.spec import LeafSpec, Spec
-from jfusion.core.support import ByActivations, ByWeights, ModuleActivations
+from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
 from jfusion.core.tree import stack_models, unstack_models
 from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
 from jfusion.methods.barycenter import Barycenter, barycenter_fuse
@@ -50,6 +50,7 @@ __all__ = [
     "JFusionError",
     "LeafSpec",
     "ModuleActivations",
+    "NnxActivations",
     "OTResult",
     "PartialFusion",
     "PlanProducer",

@@ -40,13 +40,11 @@ from flax import nnx
 from jfusion.check import check_spec
 from jfusion.core.errors import SpecError
 from jfusion.core.spec import LeafSpec, Spec
-from jfusion.core.tree import PyTree, flatten
+from jfusion.core.tree import PyTree, flatten, module_path
 
 Node = Hashable
 Axes = tuple[Node | None, ...]  # one node per axis; None for an axis of size 1
 UNKNOWN_MODES = ("error", "tie")
-# Leading path components that name a linen collection rather than a module.
-_COLLECTIONS = frozenset({"params", "batch_stats"})
 
 
 class TraceError(SpecError):
@@ -657,16 +655,9 @@ def _atoms(t: _Tracer) -> tuple[Callable[[Node], list[tuple[Node, int]]], set[No
     return atoms, pinned, uf
 
 
-def _module_path(path: str) -> str:
-    parts = path.split("/")[:-1]
-    if len(parts) > 1 and parts[0] in _COLLECTIONS:
-        parts = parts[1:]
-    return "/".join(parts) or path
-
-
 def _group_name(writers: Sequence[str], taken: set[str]) -> str:
     """The common module of the group's kernels (its incoming weights), else the first one's."""
-    modules = [_module_path(p) for p in writers]
+    modules = [module_path(p) or p for p in writers]
     common = []
     for parts in zip(*(m.split("/") for m in modules)):
         if len(set(parts)) > 1:

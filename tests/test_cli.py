@@ -219,3 +219,14 @@ def test_console_script_exits_with_code_2_on_bad_input(tmp_path):
     assert done.returncode == 2
     missing = tmp_path / "nothing"
     assert done.stderr.splitlines()[-1] == f"jfusion fuse: error: checkpoint directory {missing} does not exist"
+
+
+def test_fuse_with_a_traced_spec_writes_the_registry_specs_fusion(parents, tmp_path):
+    paths, _ = parents
+    assert main(fuse_command(paths, tmp_path / "hand")) == 0
+    assert main(fuse_command(paths, tmp_path / "traced", "--trace-spec")) == 0
+    hand, hand_spec, _ = load_checkpoint(tmp_path / "hand")
+    traced, traced_spec, _ = load_checkpoint(tmp_path / "traced")
+    assert traced_spec.groups == ("Dense_0", "Dense_1") and hand_spec.groups == ("h0", "h1")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), hand, traced)
+    assert main(fuse_command(paths, tmp_path / "both", "--trace-spec", "--spec", "mlp")) == 2

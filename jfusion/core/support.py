@@ -8,7 +8,8 @@ groups transported by the plans found so far; with several sweeps over the group
 the coordinate descent of weight matching (Ainsworth et al., Git Re-Basin).
 
 Activation-based alignment (OTFusion's ``acts``) represents a neuron by its
-pre-activations on a batch of inputs, flattened over the batch and spatial positions.
+pre-activations on a batch of inputs, flattened over the batch and spatial positions; they
+come from a linen module (:class:`ModuleActivations`) or an nnx one (:class:`NnxActivations`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from flax import nnx
+
 from jfusion.core.errors import SpecError
+from jfusion.core.nnx import fresh, graphdef_of, is_nnx
 from jfusion.core.spec import Spec
 from jfusion.core.transport import GroupMap, transport_view
+from jfusion.core.tree import flatten, module_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,33 @@ class ByWeights:
             raise ValueError(f"ByWeights.sweeps must be an int >= 1, got {self.sweeps!r}")
 
 
+Points = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -> Points:
+    """``{group: module path or paths}`` as static tuples; a Spec gives each group's writers.
+
+    A group's writers (the modules of the leaves that carry it last: its kernels, biases and
+    norms) output the group on their last axis, so their outputs are the group's
+    activations -- the points that fit a spec from :func:`jfusion.trace_spec`, whose groups
+    are named after those modules.
+    """
+    if points is None:
+        return ()
+    if isinstance(points, Spec):
+        return tuple(
+            (group, tuple(dict.fromkeys(module_path(leaf.path) for leaf in points.writers(group))))
+            for group in points.groups
+        )
+    return tuple((group, (paths,) if isinstance(paths, str) else tuple(paths)) for group, paths in points.items())
+
+
+def _stacked_samples(values: Sequence[jax.Array]) -> jax.Array:
+    # Several values of one group (a residual stream's writers, a layer called twice) are
+    # more samples of the same neurons.
+    return jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in values], axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModuleActivations:
     """Each group's activations from a linen module: what it sows, or chosen module outputs.
@@ -51,15 +83,15 @@ class ModuleActivations:
     activations (jfusion's reference models sow every group's pre-activations); values sown
     under one group name in several places (the writers of a residual stream) are stacked
     along the sample axis. ``points`` instead maps groups to module paths
-    (``{"h0": "Dense_0", "s1": "layer1/block0/bn2"}``) whose outputs are captured with linen's
-    ``capture_intermediates``, for models that sow nothing.
+    (``{"h0": "Dense_0", "s1": ("layer1/block0/bn2", "layer1/block1/bn2")}``) whose outputs
+    are captured with linen's ``capture_intermediates``, for models that sow nothing.
 
     Hashable (a frozen dataclass of the module and tuples), so jit caches its programs.
     """
 
     module: Any
     collection: str = "activations"
-    points: tuple[tuple[str, str], ...] = ()
+    points: Points = ()
     apply_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __call__(self, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
@@ -68,26 +100,87 @@ class ModuleActivations:
             _, state = self.module.apply(
                 variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
             )
-            return {group: _captured(state["intermediates"], group, path) for group, path in self.points}
+            return {
+                group: _stacked_samples([v for path in paths for v in _captured(state["intermediates"], group, path)])
+                for group, paths in self.points
+            }
         _, state = self.module.apply(variables, inputs, mutable=[self.collection], **kwargs)
         sown: dict[str, list[jax.Array]] = {}
         for keypath, value in jax.tree_util.tree_flatten_with_path(state.get(self.collection, {}))[0]:
             # sow keeps a tuple of values under the name: the path ends (..., name, index).
-            name = str(keypath[-2].key)
-            sown.setdefault(name, []).append(value.reshape(-1, value.shape[-1]))
-        return {name: jnp.concatenate(values, axis=0) for name, values in sown.items()}
+            sown.setdefault(str(keypath[-2].key), []).append(value)
+        return {name: _stacked_samples(values) for name, values in sown.items()}
 
 
-def _captured(intermediates: Mapping[str, Any], group: str, path: str) -> jax.Array:
+def _captured(intermediates: Mapping[str, Any], group: str, path: str) -> Sequence[jax.Array]:
     node = intermediates
-    for name in path.split("/"):
+    for name in path.split("/") if path else ():
         if name not in node:
             raise SpecError(
                 f"group {group!r}: no module {path!r} ran (captured: {sorted(node)} at {name!r})"
             )
         node = node[name]
-    values = node["__call__"]
-    return jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in values], axis=0)
+    return node["__call__"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxActivations:
+    """Each group's activations from an nnx module: what it sows, or its submodules' outputs.
+
+    ``__call__(state, inputs)`` merges a fresh module from ``graphdef`` and ``state``, runs
+    it on ``inputs`` under ``nnx.capture`` and returns ``{group: (..., n_group)}``. It is a
+    pure function of the state, so it ``vmap``s over the K models' states stacked on K.
+
+    With no ``points``: the module's ``self.sow(nnx.Intermediate, group, x)`` calls give the
+    groups' activations. ``Module.sow`` *accumulates*: each call appends its value to a tuple
+    kept under the name -- outside ``nnx.capture`` on the module object itself, as an
+    ``nnx.Intermediate`` variable that then travels in its state -- so a module applied
+    twice holds two values, and a state split after a call carries them on. jfusion never
+    reuses a module object: every call merges a fresh one and collects its sown values with
+    ``nnx.capture`` (so only this forward pass's values are seen: one per sow site, more
+    only when the model itself calls a module several times, and those are stacked along
+    the sample axis like values sown in several places). Keep ``nnx.Intermediate`` variables
+    out of the states you fuse (``nnx.split(model, nnx.Param, nnx.BatchStat)`` or fuse states
+    of modules that were never called outside ``nnx.capture``).
+
+    With ``points``, ``((group, (module_path, ...)), ...)``: the outputs of those
+    submodules (``"layer1/conv"``; ``""`` is the root), captured with ``nnx.capture``'s
+    ``method_outputs``, which sows every module's ``__call__`` output for the call.
+
+    ``train`` sets the fresh module's mode (``Module.train()`` / ``eval()``);
+    ``call_kwargs`` go to its ``__call__``.
+    """
+
+    graphdef: nnx.GraphDef
+    points: Points = ()
+    train: bool = False
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, state: Any, inputs: jax.Array) -> dict[str, jax.Array]:
+        module = fresh(self.graphdef, state, train=self.train)
+        outputs = nnx.Intermediate if self.points else None
+        _, captured = nnx.capture(module, nnx.Intermediate, method_outputs=outputs)(inputs, **dict(self.call_kwargs))
+        values = flatten(captured)[0]  # paths "<module path>/<name>/<call index>"
+        if not self.points:
+            sown: dict[str, list[jax.Array]] = {}
+            for path, value in values.items():
+                sown.setdefault(path.split("/")[-2], []).append(value)
+            return {name: _stacked_samples(vs) for name, vs in sown.items()}
+        calls: dict[str, list[jax.Array]] = {}
+        for path, value in values.items():
+            parts = path.split("/")
+            if len(parts) >= 2 and parts[-2] == "__call__":
+                calls.setdefault("/".join(parts[:-2]), []).append(value)
+        activations = {}
+        for group, paths in self.points:
+            missing = [p for p in paths if p not in calls]
+            if missing:
+                raise SpecError(
+                    f"group {group!r}: module(s) {missing} returned no single array during the call "
+                    f"(they did not run, or return a tuple); modules that did: {sorted(calls)}"
+                )
+            activations[group] = _stacked_samples([v for p in paths for v in calls[p]])
+        return activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +190,7 @@ class ByActivations:
     Attributes:
       fn: ``fn(variables, inputs) -> {group: array (..., n_group)}``, each group's
         pre-activations with the neuron axis last. It runs inside the fused program,
-        ``vmap``ed over the K models. :meth:`from_module` builds one from a linen module.
+        ``vmap``ed over the K models. :meth:`from_module` builds one from a linen or nnx module.
       target_fn: the same for a target given as a pytree of another architecture (other
         widths need another module instance); ``fn`` when None.
       model_fns: one function per model, for models of different widths given as a list
@@ -115,21 +208,33 @@ class ByActivations:
         *,
         target_module: Any = None,
         modules: Sequence[Any] | None = None,
-        points: Mapping[str, str] | None = None,
+        points: Mapping[str, str | Sequence[str]] | Spec | None = None,
         collection: str = "activations",
-        **apply_kwargs: Any,
+        **kwargs: Any,
     ) -> "ByActivations":
-        """Activations of a linen module (see :class:`ModuleActivations`).
+        """Activations of a linen module or an nnx Module / GraphDef.
 
-        ``apply_kwargs`` go to ``module.apply`` (e.g. ``train=False`` for BatchNorm models);
-        ``target_module`` is the module of a target pytree of other widths, ``modules`` one
-        module per model when the models' widths differ (e.g. a pruned and a dense model).
+        A linen module gives a :class:`ModuleActivations`: ``kwargs`` go to ``module.apply``
+        (e.g. ``train=False`` for BatchNorm models), sown values are read from
+        ``collection``. An ``nnx.Module`` or ``nnx.GraphDef`` gives an
+        :class:`NnxActivations` (only the graph is kept: the models' states come from the
+        fusion): ``train`` (default False) sets the module's mode, the other ``kwargs`` go to
+        its ``__call__``, sown values are read from ``nnx.Intermediate``.
+
+        ``points`` maps groups to module paths whose outputs are the groups' activations,
+        or is a Spec, whose groups get the outputs of their writer modules (see
+        :func:`activation_points`; what fits a traced spec). ``target_module`` is the module
+        of a target pytree of other widths, ``modules`` one module per model when the
+        models' widths differ (e.g. a pruned and a dense model).
         """
+        static_points = activation_points(points)
 
         def source(m):
-            return ModuleActivations(
-                m, collection, tuple((points or {}).items()), tuple(sorted(apply_kwargs.items()))
-            )
+            if is_nnx(m):
+                call = dict(kwargs)
+                train = bool(call.pop("train", False))
+                return NnxActivations(graphdef_of(m), static_points, train, tuple(sorted(call.items())))
+            return ModuleActivations(m, collection, static_points, tuple(sorted(kwargs.items())))
 
         return cls(
             source(module),

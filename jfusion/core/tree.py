@@ -37,6 +37,22 @@ def path_string(keypath: Sequence[Any]) -> str:
     return "/".join(name for name in map(_key_name, keypath) if name is not None)
 
 
+# Leading path components that name a linen collection rather than a module.
+_COLLECTIONS = frozenset({"params", "batch_stats"})
+
+
+def module_path(path: str) -> str:
+    """The module a leaf belongs to: its path without the leaf's name and a linen collection.
+
+    ``"params/layer1/conv/kernel"`` and the nnx ``"layer1/conv/kernel"`` both give
+    ``"layer1/conv"``; a leaf of the root module gives ``""``.
+    """
+    parts = path.split("/")[:-1]
+    if parts and parts[0] in _COLLECTIONS:
+        parts = parts[1:]
+    return "/".join(parts)
+
+
 def flatten(tree: PyTree) -> tuple[dict[str, Any], Any]:
     """``{path: leaf}`` in flattening order, and the treedef that rebuilds the tree."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)

@@ -43,6 +43,7 @@ from jfusion.workflow.demo import run_demo
 from jfusion.core.errors import JFusionError
 from jfusion.evaluate import TrainApply, recalibrate_batch_stats
 from jfusion.methods.fuse import fuse
+from jfusion.trace import trace_spec
 from jfusion.models.registry import MODELS, build_model, describe, from_metadata, model_arguments
 from jfusion.models.rnn import CELL_KINDS
 from jfusion.core.solvers import Exact, Sinkhorn, Solver
@@ -258,7 +259,7 @@ def _fusion_data(args: argparse.Namespace, first: Checkpoint) -> DatasetSplits:
 
 
 def _activation_alignment(
-    args: argparse.Namespace, module: nn.Module, loaded: Sequence[Checkpoint], data: DatasetSplits
+    args: argparse.Namespace, module: nn.Module, loaded: Sequence[Checkpoint], data: DatasetSplits, spec: Spec
 ) -> tuple[ByActivations, np.ndarray]:
     """``ByActivations`` of the rebuilt module, and ``--samples`` shuffled training images."""
     first = _model_of(loaded[0])
@@ -271,7 +272,9 @@ def _activation_alignment(
     # Inference mode for models that have one (BatchNorm running averages).
     kwargs = {"train": False} if takes_train(module, loaded[0].variables) else {}
     inputs = next(batches(data.train_images, data.train_labels, args.samples, seed=args.seed))[0]
-    return ByActivations.from_module(module, **kwargs), inputs
+    # A traced spec names its groups after modules, not after what the reference models sow.
+    points = spec if args.trace_spec else None
+    return ByActivations.from_module(module, points=points, **kwargs), inputs
 
 
 def _recalibration(
@@ -313,15 +316,23 @@ def _run_fuse(args: argparse.Namespace) -> None:
         raise UsageError("--sweeps is for weight alignment; activation alignment needs none")
     _log(f"loading {len(paths)} checkpoints")
     loaded = [_load(path) for path in paths]
-    spec = _fusion_spec(args.spec, paths, loaded)
+    if args.trace_spec and args.spec is not None:
+        raise UsageError("--trace-spec reads the spec off the model; it cannot be combined with --spec")
     by_activations = args.alignment == "activations"
     data = module = None
-    if by_activations or args.recalibrate or args.evaluate:
+    if by_activations or args.recalibrate or args.evaluate or args.trace_spec:
         data = _fusion_data(args, loaded[0])
         module = from_metadata(loaded[target].metadata)  # the fused model has the target's architecture
+    if args.trace_spec:
+        _log("tracing the spec from the model")
+        variables = loaded[target].variables
+        kwargs = {"train": False} if takes_train(module, variables) else {}
+        spec = trace_spec(module.apply, variables, data.train_images[:2], **kwargs)
+    else:
+        spec = _fusion_spec(args.spec, paths, loaded)
     alignment, inputs = ByWeights(sweeps=args.sweeps), None
     if by_activations:
-        alignment, inputs = _activation_alignment(args, module, loaded, data)
+        alignment, inputs = _activation_alignment(args, module, loaded, data, spec)
     recalibrate = _recalibration(args, module, loaded[target].variables, data) if args.recalibrate else None
 
     _log(f"fusing {len(paths)} models ({args.solver} solver, {args.alignment} alignment) onto model {target}")
@@ -437,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument("checkpoints", nargs="+", metavar="CKPT_DIR")
     fusion.add_argument("--out", required=True, metavar="DIR", help="where to write the fused checkpoint")
     fusion.add_argument("--spec", metavar="NAME", help=f"use this model's Spec ({models}), not the stored one")
+    fusion.add_argument(
+        "--trace-spec", action="store_true",
+        help="trace the Spec from the model (jfusion.trace_spec) instead of the stored or registry one",
+    )
     fusion.add_argument("--solver", choices=("exact", "sinkhorn"), default="exact", help=default[1:])
     fusion.add_argument(
         "--epsilon", type=float, metavar="E",

@@ -17,10 +17,18 @@ Models with BatchNorm follow the reference convention: ``__call__`` takes a keyw
 ``train``; with a ``"batch_stats"`` collection, training applies
 ``train=True, mutable=["batch_stats"]`` and evaluation ``train=False``. Models without
 ``train`` are applied as ``model.apply(variables, x)``.
+
+flax.nnx models take the same path: an nnx model is ``nnx.split`` into its static GraphDef
+and an ``nnx.State``, the K models' states are stacked, and every step merges a fresh
+module per model from (graphdef, state) -- ``Module.train()`` or ``eval()`` set on it --
+and returns the state it leaves behind (updated BatchNorm statistics, advanced rng
+streams), so a step stays a pure function of the stacked states. Initialising K nnx models
+from seeds needs their constructor, ``make(rngs) -> Module``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Mapping, Sequence
@@ -30,6 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
+
+from jfusion.core.nnx import fresh, graphdef_of, is_nnx
 
 Variables = Mapping[str, Any]
 Subset = tuple[Any, Any]
@@ -56,19 +67,6 @@ class _ByIdentity:
         return isinstance(other, _ByIdentity) and other.module is self.module
 
 
-def _static(model: nn.Module) -> nn.Module | _ByIdentity:
-    # Equal hashable modules share compiled programs; others are cached per object.
-    try:
-        hash(model)
-        return model
-    except TypeError:
-        return _ByIdentity(model)
-
-
-def _module(static: nn.Module | _ByIdentity) -> nn.Module:
-    return static.module if isinstance(static, _ByIdentity) else static
-
-
 def takes_train(model: nn.Module, variables: Variables) -> bool:
     """Whether ``model`` is applied with a ``train=`` flag (it has BatchNorm or asks for one)."""
     if "batch_stats" in variables:
@@ -79,44 +77,111 @@ def takes_train(model: nn.Module, variables: Variables) -> bool:
         return False
 
 
-def _forward(
-    model: nn.Module, variables: Variables, x: jax.Array, *, train: bool, rng: jax.Array | None = None
-) -> tuple[jax.Array, dict[str, Any]]:
-    """Logits, and the updated ``batch_stats`` when training a model that has them."""
-    if not takes_train(model, variables):
-        return model.apply(variables, x), {}
-    rngs = {"dropout": rng} if rng is not None else None
-    if train and "batch_stats" in variables:
-        logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs=rngs)
-        return logits, dict(updates)
-    return model.apply(variables, x, train=train, rngs=rngs), {}
+# A model is seen through an adapter: variables split into the trained parameters and the
+# rest (batch statistics, rng counters), and ``apply(params, rest, x) -> (logits, rest)``, a
+# pure function; the steps below are written once against it for linen and nnx.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Linen:
+    """A linen module; variables ``{"params": ..., "batch_stats": ..., ...}``."""
+
+    static: nn.Module | _ByIdentity
+
+    @property
+    def module(self) -> nn.Module:
+        return self.static.module if isinstance(self.static, _ByIdentity) else self.static
+
+    def init(self, key: jax.Array, x: jax.Array) -> Variables:
+        variables = self.module.init(key, x, train=False) if takes_train(self.module, {}) else self.module.init(key, x)
+        return {c: v for c, v in variables.items() if c not in _SOWN}
+
+    def split(self, variables: Variables) -> tuple[Any, dict[str, Any]]:
+        return variables["params"], {c: v for c, v in variables.items() if c != "params"}
+
+    def join(self, params: Any, rest: Mapping[str, Any], like: Variables) -> dict[str, Any]:
+        return {c: params if c == "params" else rest[c] for c in like}
+
+    def apply(self, params: Any, rest: Mapping[str, Any], x: jax.Array, *, train: bool, rng: jax.Array | None = None):
+        model, variables = self.module, {"params": params, **rest}
+        if not takes_train(model, variables):
+            return model.apply(variables, x), rest
+        rngs = {"dropout": rng} if rng is not None else None
+        if train and "batch_stats" in variables:
+            logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs=rngs)
+            return logits, {**rest, **updates}
+        return model.apply(variables, x, train=train, rngs=rngs), rest
+
+
+@dataclasses.dataclass(frozen=True)
+class _Nnx:
+    """An nnx model; variables an ``nnx.State``, its ``nnx.Param`` leaves trained.
+
+    ``make(rngs) -> Module`` builds a model (needed to initialise K of them from seeds).
+    Training mode is the module's (``Module.train()``: BatchNorm normalises by the batch
+    and updates its statistics, Dropout draws from the module's own rng streams, which
+    advance in the state).
+    """
+
+    graphdef: nnx.GraphDef
+    make: Callable[[nnx.Rngs], nnx.Module] | None = None
+
+    def init(self, key: jax.Array, x: jax.Array) -> nnx.State:
+        if self.make is None:
+            raise ValueError(
+                "initialising nnx models from seeds needs a constructor: pass make(rngs) -> Module "
+                "(e.g. lambda rngs: Net(rngs=rngs)) instead of a module or graphdef"
+            )
+        return nnx.state(self.make(nnx.Rngs(key)))
+
+    def split(self, state: nnx.State) -> tuple[nnx.State, nnx.State]:
+        return nnx.split_state(state, nnx.Param, ...)
+
+    def join(self, params: nnx.State, rest: nnx.State, like: nnx.State) -> nnx.State:
+        return nnx.merge_state(params, rest)
+
+    def apply(self, params: nnx.State, rest: nnx.State, x: jax.Array, *, train: bool, rng: jax.Array | None = None):
+        module = fresh(self.graphdef, params, rest, train=train)
+        logits = module(x)
+        return logits, nnx.state(module, nnx.Not(nnx.Param))
+
+
+Model = nn.Module | nnx.Module | nnx.GraphDef | Callable[[nnx.Rngs], nnx.Module]
+
+
+def _adapter(model: Model) -> _Linen | _Nnx:
+    if isinstance(model, nn.Module):
+        try:  # equal hashable modules share compiled programs; others are cached per object
+            hash(model)
+            return _Linen(model)
+        except TypeError:
+            return _Linen(_ByIdentity(model))
+    if is_nnx(model):
+        return _Nnx(graphdef_of(model))
+    if callable(model):
+        return _Nnx(nnx.graphdef(nnx.eval_shape(lambda: model(nnx.Rngs(0)))), model)
+    raise TypeError(
+        f"model must be a flax.linen module, an nnx Module or GraphDef, or make(rngs) -> nnx Module; "
+        f"got {type(model).__name__}"
+    )
 
 
 # --- initialisation -----------------------------------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _init_stacked(static, keys: jax.Array, x: jax.Array) -> dict[str, Any]:
-    model = _module(static)
-
-    def init_one(key):
-        variables = (
-            model.init(key, x, train=False) if takes_train(model, {}) else model.init(key, x)
-        )
-        return {c: v for c, v in variables.items() if c not in _SOWN}
-
+def _init_stacked(adapter: _Linen | _Nnx, keys: jax.Array, x: jax.Array) -> Any:
     # lax.map, not vmap: the same stacked result, and XLA compiles a batched threefry
     # several times more slowly (seconds on CPU) than one run in a loop.
-    return jax.lax.map(init_one, keys)
+    return jax.lax.map(lambda key: adapter.init(key, x), keys)
 
 
-def init_models(
-    model: nn.Module, seeds: Sequence[int], sample_input: Any, *, same_init: bool = False
-) -> dict[str, Any]:
+def init_models(model: Model, seeds: Sequence[int], sample_input: Any, *, same_init: bool = False) -> Any:
     """Initial variables of ``len(seeds)`` models, stacked along a leading K axis.
 
     Args:
-      model: a flax.linen module.
+      model: a flax.linen module, or ``make(rngs) -> nnx.Module`` (the result is then a
+        stacked ``nnx.State``).
       seeds: one per model; model k is initialised from ``jax.random.key(seeds[k])``.
       sample_input: a batch of inputs (only its first example's shape is used).
       same_init: give every model the initialisation of ``seeds[0]`` (OTFusion's
@@ -128,7 +193,7 @@ def init_models(
     x = jnp.asarray(sample_input[:1])
     # Same init: K copies of seeds[0]'s key, so the program is the one of distinct seeds.
     init_seeds = [seeds[0]] * len(seeds) if same_init else seeds
-    return _init_stacked(_static(model), jax.vmap(jax.random.key)(jnp.asarray(init_seeds)), x)
+    return _init_stacked(_adapter(model), jax.vmap(jax.random.key)(jnp.asarray(init_seeds)), x)
 
 
 # --- training -----------------------------------------------------------------------------
@@ -177,32 +242,31 @@ def _epoch_indices(rng: np.random.Generator, size: int, count: int) -> np.ndarra
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_step(static, optimizer, params, rest, opt_state, images, labels, idx, keys):
+def _train_step(adapter, optimizer, params, rest, opt_state, images, labels, idx, keys):
     """One optimizer step of every model: ``vmap`` over models of a single step.
 
     Epochs loop over this in Python rather than in a ``lax.scan``: XLA:CPU runs convolution
     gradients inside a loop body many times slower than as a program of their own
     (jax-ml/jax#12868), and a step's dispatch costs little next to its work.
     """
-    model = _module(static)
 
     def one_model(params, rest, opt_state, batch, key):
         x, y = images[batch], labels[batch]
 
         def loss_fn(p):
-            logits, updates = _forward(model, {"params": p, **rest}, x, train=True, rng=key)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+            logits, new_rest = adapter.apply(p, rest, x, train=True, rng=key)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_rest
 
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         changes, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, changes), {**rest, **updates}, opt_state, loss
+        return optax.apply_updates(params, changes), new_rest, opt_state, loss
 
     return jax.vmap(one_model)(params, rest, opt_state, idx, keys)
 
 
 def fit_models(
-    model: nn.Module,
-    variables: Variables,
+    model: Model,
+    variables: Any,
     subsets: Subset | Sequence[Subset],
     seeds: Sequence[int],
     *,
@@ -214,8 +278,10 @@ def fit_models(
     """Continue training K models whose variables are stacked along a leading K axis.
 
     Args:
-      model: the flax.linen module all K models instantiate.
-      variables: stacked linen variables (``{"params": ..., "batch_stats": ...}``).
+      model: the flax.linen module all K models instantiate, or the nnx model (a Module,
+        its GraphDef or ``make(rngs) -> Module``).
+      variables: stacked linen variables (``{"params": ..., "batch_stats": ...}``), or a
+        stacked ``nnx.State`` (its ``nnx.Param`` leaves are trained).
       subsets: K ``(images, labels)`` pairs, of any sizes, or one pair shared by all K.
       seeds: one per model: its batch order (and dropout keys).
       epochs: passes of ``max_k n_k // batch_size`` steps each.
@@ -239,13 +305,12 @@ def fit_models(
         raise ValueError(f"need batch_size >= 1 and epochs >= 0, got {batch_size}, {epochs}")
     optimizer = DEFAULT_OPTIMIZER if optimizer is None else optimizer
     images, labels, offsets, sizes = _pack(subsets, num_models)
-    params = variables["params"]
-    rest = {c: v for c, v in variables.items() if c != "params"}
+    adapter = _adapter(model)
+    params, rest = adapter.split(variables)
     opt_state = jax.jit(jax.vmap(optimizer.init))(params)
     steps = max(1, max(sizes) // batch_size)
     orders = [np.random.default_rng(seed) for seed in seeds]
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    static = _static(model)
     for epoch in range(epochs):
         idx = np.stack(
             [off + _epoch_indices(rng, n, steps * batch_size) for rng, off, n in zip(orders, offsets, sizes)]
@@ -256,16 +321,16 @@ def fit_models(
         for step in range(steps):
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(epoch_keys, step)
             params, rest, opt_state, losses = _train_step(
-                static, optimizer, params, rest, opt_state, images, labels, idx[step], step_keys
+                adapter, optimizer, params, rest, opt_state, images, labels, idx[step], step_keys
             )
             total = total + losses
         if progress is not None:
             progress(epoch + 1, epochs, np.asarray(total / steps))
-    return {c: params if c == "params" else rest[c] for c in variables}
+    return adapter.join(params, rest, variables)
 
 
 def train_models(
-    model: nn.Module,
+    model: Model,
     subsets: Subset | Sequence[Subset],
     seeds: Sequence[int],
     *,
@@ -274,10 +339,11 @@ def train_models(
     optimizer: optax.GradientTransformation | None = None,
     progress: Progress | None = None,
     same_init: bool = False,
-) -> dict[str, Any]:
+) -> Any:
     """Initialise and train ``len(seeds)`` models at once; variables stacked along a leading K axis.
 
     Seed k sets model k's initialisation (``jax.random.key(seeds[k])``) and its batch order.
+    ``model`` is a linen module or ``make(rngs) -> nnx.Module`` (see :func:`init_models`).
     See :func:`fit_models` for the other arguments and :func:`init_models` for ``same_init``.
     The stacked result is what :func:`jfusion.fuse` and :func:`jfusion.vanilla_average` take.
     """
@@ -290,8 +356,8 @@ def train_models(
 
 
 def finetune(
-    model: nn.Module,
-    variables: Variables,
+    model: Model,
+    variables: Any,
     images: Any,
     labels: Any,
     *,
@@ -300,12 +366,12 @@ def finetune(
     batch_size: int = 128,
     optimizer: optax.GradientTransformation | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Continue training one model (e.g. a fused one) with a fresh optimizer state.
 
     ``variables`` are one model's (not stacked); so is the result.
     """
-    stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], dict(variables))
+    stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
     trained = fit_models(
         model, stacked, (images, labels), [seed],
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, progress=progress,
@@ -316,10 +382,12 @@ def finetune(
 # --- evaluation ---------------------------------------------------------------------------
 
 
-def _count_correct(model, variables, images, labels, mask) -> jax.Array:
+def _count_correct(adapter, variables, images, labels, mask) -> jax.Array:
+    params, rest = adapter.split(variables)
+
     def body(total, batch):
         x, y, m = batch
-        logits, _ = _forward(model, variables, x, train=False)
+        logits, _ = adapter.apply(params, rest, x, train=False)
         return total + jnp.sum((jnp.argmax(logits, axis=-1) == y) & m), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), (images, labels, mask))
@@ -327,13 +395,13 @@ def _count_correct(model, variables, images, labels, mask) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _correct_one(static, variables, images, labels, mask):
-    return _count_correct(_module(static), variables, images, labels, mask)
+def _correct_one(adapter, variables, images, labels, mask):
+    return _count_correct(adapter, variables, images, labels, mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _correct_stacked(static, variables, images, labels, mask):
-    count = functools.partial(_count_correct, _module(static))
+def _correct_stacked(adapter, variables, images, labels, mask):
+    count = functools.partial(_count_correct, adapter)
     return jax.vmap(count, in_axes=(0, None, None, None))(variables, images, labels, mask)
 
 
@@ -358,15 +426,19 @@ def _batched(images: Any, labels: Any, batch_size: int) -> tuple[np.ndarray, np.
     )
 
 
-def evaluate(model: nn.Module, variables: Variables, images: Any, labels: Any, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of one model (BatchNorm in inference mode), in batches of ``batch_size``."""
+def evaluate(model: Model, variables: Any, images: Any, labels: Any, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of one model (BatchNorm in inference mode), in batches of ``batch_size``.
+
+    ``model`` is a linen module with its variables, or an nnx model (Module, GraphDef or
+    ``make(rngs)``) with an ``nnx.State``.
+    """
     x, y, mask = _batched(images, labels, batch_size)
-    return float(_correct_one(_static(model), variables, x, y, mask)) / float(mask.sum())
+    return float(_correct_one(_adapter(model), variables, x, y, mask)) / float(mask.sum())
 
 
 def evaluate_models(
-    model: nn.Module, variables: Variables, images: Any, labels: Any, *, batch_size: int = 1000
+    model: Model, variables: Any, images: Any, labels: Any, *, batch_size: int = 1000
 ) -> np.ndarray:
     """Top-1 accuracy of each of K models stacked along a leading axis: a ``(K,)`` array."""
     x, y, mask = _batched(images, labels, batch_size)
-    return np.asarray(_correct_stacked(_static(model), variables, x, y, mask)) / float(mask.sum())
+    return np.asarray(_correct_stacked(_adapter(model), variables, x, y, mask)) / float(mask.sum())
