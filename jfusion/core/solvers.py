@@ -24,6 +24,7 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
+from jfusion.core.auction import auction, quantise
 from jfusion.core.errors import FusionInputError
 
 
@@ -36,7 +37,9 @@ class OTResult(NamedTuple):
       converged: whether the solver met its tolerance. An exact solver reports False when
         the cost was not finite (NaN/Inf in the supports) or constant (supports that do not
         tell the neurons apart), since its matching is then arbitrary.
-      iterations: iterations the solver ran (0 for exact solvers).
+      iterations: iterations the solver ran: Sinkhorn's, the auction's bidding rounds
+        (:class:`Exact`), 0 for the Hungarian algorithm and for an exact solver's cost that
+        cannot decide a matching (not finite or constant).
     """
 
     plan: jax.Array
@@ -87,13 +90,36 @@ def _conditioned(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(spread > 0, (safe - low) / jnp.where(spread > 0, spread, 1.0), 0.0), informative
 
 
-def assignment_plan(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
+ALGORITHMS = ("auction", "hungarian")
+
+
+def _assign(scaled: jax.Array, algorithm: str, max_iterations: int | None):
+    """``(cols, certified, iterations)``: the permutation ``i -> cols[i]`` minimising
+    ``sum_i scaled[i, cols[i]]`` for a square cost in [0, 1]."""
+    if algorithm == "hungarian":
+        rows, cols = optax.assignment.hungarian_algorithm(scaled)
+        return jnp.zeros(len(rows), jnp.int32).at[rows].set(cols.astype(jnp.int32)), True, 0
+    # Exact for the integer cost; off the float optimum by <= auction.quantisation_gap.
+    result = auction(quantise(scaled), max_iterations)
+    return result.assignment, result.converged, result.iterations
+
+
+def _report(plan, cost, informative, certified, iterations) -> OTResult:
+    # A cost that cannot decide a matching reports 0 iterations: jfusion's warning then
+    # says why (the supports), not "raise max_iterations".
+    return _result(plan, cost, informative & certified, jnp.where(informative, iterations, 0))
+
+
+def assignment_plan(
+    cost: jax.Array, algorithm: str = "auction", max_iterations: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Exact OT plan between uniform measures of sizes n and m, one dividing the other.
 
-    Solved as a linear assignment (Hungarian algorithm, ``optax.assignment``) after
-    replicating the smaller side ``max(n, m) / min(n, m)`` times; every entry of the plan is
-    a multiple of ``1 / max(n, m)``, so for ``n == m`` it is exactly ``P / n`` for a
-    permutation matrix ``P``, not a float approximation of it. Returns ``(plan, finite)``.
+    Solved as a linear assignment (:mod:`jfusion.core.auction`, or optax's Hungarian
+    algorithm) after replicating the smaller side ``max(n, m) / min(n, m)`` times; every
+    entry of the plan is a multiple of ``1 / max(n, m)``, so for ``n == m`` it is exactly
+    ``P / n`` for a permutation matrix ``P``, not a float approximation of it. Returns
+    ``(plan, informative, certified, iterations)``.
     """
     n, m = cost.shape
     if n % m and m % n:
@@ -102,11 +128,12 @@ def assignment_plan(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
             f"to divide the other; found n={n} source and m={m} target neurons (ratio "
             f"{n / m:.3g}); use jfusion.Sinkhorn() for other width ratios"
         )
-    scaled, finite = _conditioned(cost)
+    scaled, informative = _conditioned(cost)
     square = jnp.tile(scaled, (m // n, 1)) if m > n else jnp.tile(scaled, (1, n // m))
-    rows, cols = optax.assignment.hungarian_algorithm(square)
+    cols, certified, iterations = _assign(square, algorithm, max_iterations)
     size = max(n, m)
-    return jnp.zeros((n, m), cost.dtype).at[rows % n, cols % m].add(1.0 / size), finite
+    plan = jnp.zeros((n, m), cost.dtype).at[jnp.arange(size) % n, cols % m].add(1.0 / size)
+    return plan, informative, certified, iterations
 
 
 def _is_uniform(x: jax.Array) -> bool | None:
@@ -122,9 +149,30 @@ class Exact:
     """Exact OT between uniform marginals (the LP of OTFusion's ``ot.emd``).
 
     With uniform marginals and widths where one divides the other, the OT linear program
-    has an optimal vertex that is an assignment, found by the Hungarian algorithm in
-    ``O(max(n, m)^3)``. The marginals must be uniform; :class:`Sinkhorn` takes any.
+    has an optimal vertex that is an assignment. The marginals must be uniform;
+    :class:`Sinkhorn` takes any.
+
+    Attributes:
+      algorithm: ``"auction"`` (default): a forward auction with epsilon-scaling on the
+        cost quantised to integers (:mod:`jfusion.core.auction`), vectorised, fast to
+        compile, with an optimality certificate for the quantised cost; the plan's cost
+        ``<C, plan>`` is then within ``(max C - min C) (1/Q + 2^-21)`` of the float optimum,
+        ``Q = min(2^24, 2^28 // (size + 1))`` (``size = max(n, m)``;
+        :func:`jfusion.core.auction.quantisation_gap`). ``"hungarian"``: optax's Hungarian
+        algorithm on the float cost, ``O(n^3)`` in a sequential loop.
+      max_iterations: the auction's cap on bidding rounds (None: 1000 + 100 n); a plan that
+        hits it is reported ``converged=False``.
     """
+
+    algorithm: Literal["auction", "hungarian"] = "auction"
+    max_iterations: int | None = None
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"Exact.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        cap = self.max_iterations
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1):
+            raise ValueError(f"Exact.max_iterations must be None or an int >= 1, got {cap!r}")
 
     def __call__(self, cost: jax.Array, a: jax.Array, b: jax.Array) -> OTResult:
         n, m = cost.shape
@@ -137,15 +185,15 @@ class Exact:
                 "jfusion.Exact solves OT between uniform marginals only (an assignment); "
                 "use jfusion.Sinkhorn() for non-uniform (importance) marginals"
             )
-        plan, finite = assignment_plan(cost)
-        return _result(plan, cost, finite, 0)
+        plan, informative, certified, iterations = assignment_plan(cost, self.algorithm, self.max_iterations)
+        return _report(plan, cost, informative, certified, iterations)
 
     def partial(self, cost: jax.Array, isolated: int) -> tuple[OTResult, jax.Array]:
         """The cheapest matching of ``n - isolated`` pairs (unit masses on matched pairs).
 
         Unmatched rows take zero-cost sink columns and unmatched columns zero-cost sink rows;
-        sink-to-sink costs more than any real pair, so exactly ``n - isolated`` real pairs
-        are formed.
+        a sink-to-sink pair costs 1, more than the 0 of sending its row and column's
+        partners to sinks instead, so exactly ``n - isolated`` real pairs are formed.
         """
         n, m = cost.shape
         matched = n - isolated
@@ -154,12 +202,12 @@ class Exact:
         if matched == 0:  # every neuron isolated: no matching to decide
             plan = jnp.zeros((n, m), cost.dtype)
             return _result(plan, cost, jnp.all(jnp.isfinite(cost)), 0), jnp.ones((n,), cost.dtype)
-        scaled, finite = _conditioned(cost)
+        scaled, informative = _conditioned(cost)
         size = n + m - matched
-        padded = jnp.zeros((size, size), cost.dtype).at[:n, :m].set(scaled).at[n:, m:].set(2.0)
-        rows, cols = optax.assignment.hungarian_algorithm(padded)
-        full = jnp.zeros((size, size), cost.dtype).at[rows, cols].set(1.0)
-        return _result(full[:n, :m], cost, finite, 0), full[:n, m:].sum(axis=1)
+        padded = jnp.zeros((size, size), cost.dtype).at[:n, :m].set(scaled).at[n:, m:].set(1.0)
+        cols, certified, iterations = _assign(padded, self.algorithm, self.max_iterations)
+        full = jnp.zeros((size, size), cost.dtype).at[jnp.arange(size), cols].set(1.0)
+        return _report(full[:n, :m], cost, informative, certified, iterations), full[:n, m:].sum(axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
