@@ -1,4 +1,4 @@
-"""The auction assignment solver (jfusion.core.auction) behind jfusion.Exact: optimal, certified, loud when not.
+"""The auction assignment solver (jfusion.core.auction) behind jfusion.Exact("auction"): optimal, certified, loud when not.
 
 Few compiles: each size's cases are solved in one vmapped call.
 """
@@ -16,6 +16,7 @@ from jfusion.core.auction import auction, certify, levels, quantisation_gap, qua
 from jfusion.core.solvers import _conditioned
 
 RNG = np.random.default_rng(0)
+AUCTION = jfusion.Exact("auction")
 
 
 def cases(n):
@@ -40,7 +41,7 @@ def cases(n):
 @functools.cache  # one compile per size and batch shape
 def exact_batch(n):
     uniform = jnp.full((n,), 1.0 / n)
-    return jax.jit(jax.vmap(lambda c: jfusion.Exact()(c, uniform, uniform)))
+    return jax.jit(jax.vmap(lambda c: AUCTION(c, uniform, uniform)))
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 64])
@@ -80,7 +81,7 @@ def test_vmapped_solves_equal_single_solves():
     costs = jnp.asarray(np.stack(list(cases(n).values())[:-1] * 2)[:10], jnp.float32)  # the shape above
     batched = exact_batch(n)(costs)
     uniform = jnp.full((n,), 1.0 / n)
-    single = jax.jit(lambda c: jfusion.Exact()(c, uniform, uniform))
+    single = jax.jit(lambda c: AUCTION(c, uniform, uniform))
     for k in range(4):
         one = single(costs[k])
         np.testing.assert_array_equal(one.plan, batched.plan[k])
@@ -91,7 +92,7 @@ def test_vmapped_solves_equal_single_solves():
 def test_rectangular_costs_with_integer_width_ratios(shape):
     n, m = shape
     cost = RNG.random(shape).astype(np.float32)
-    out = jax.jit(jfusion.Exact())(jnp.asarray(cost), jnp.full((n,), 1 / n), jnp.full((m,), 1 / m))
+    out = jax.jit(AUCTION)(jnp.asarray(cost), jnp.full((n,), 1 / n), jnp.full((m,), 1 / m))
     plan = np.asarray(out.plan, np.float64)
     np.testing.assert_allclose(plan.sum(1), 1 / n, rtol=1e-6)
     np.testing.assert_allclose(plan.sum(0), 1 / m, rtol=1e-6)
@@ -106,7 +107,7 @@ def test_rectangular_costs_with_integer_width_ratios(shape):
 def test_partial_ot_matches_the_hungarian_version():
     cost = jnp.asarray(RNG.random((6, 8)), jnp.float32)
     (auc, auc_sink), (hun, hun_sink) = (
-        jax.jit(lambda c, s=s: s.partial(c, 2))(cost) for s in (jfusion.Exact(), jfusion.Exact("hungarian"))
+        jax.jit(lambda c, s=s: s.partial(c, 2))(cost) for s in (AUCTION, jfusion.Exact("hungarian"))
     )
     assert bool(auc.converged) and int(auc.iterations) > 0 and int(hun.iterations) == 0
     np.testing.assert_allclose(float(auc.cost), float(hun.cost), atol=quantisation_gap(12) + 1e-6)
@@ -128,7 +129,7 @@ def test_the_certificate_fails_loudly_on_broken_input():
     # One bidding round cannot finish (an iteration cap of 1): reported, not returned as if
     # optimal, with the rounds it ran.
     uniform = jnp.full((n,), 1.0 / n)
-    out = jax.jit(jfusion.Exact(max_iterations=1))(jnp.asarray(RNG.random((n, n)), jnp.float32), uniform, uniform)
+    out = jax.jit(jfusion.Exact("auction", max_iterations=1))(jnp.asarray(RNG.random((n, n)), jnp.float32), uniform, uniform)
     assert not bool(out.converged) and int(out.iterations) == 1
 
 
@@ -143,4 +144,4 @@ def test_exact_validates_its_fields():
         jfusion.Exact(algorithm="simplex")
     with pytest.raises(ValueError, match="Exact.max_iterations must be None or an int >= 1"):
         jfusion.Exact(max_iterations=0)
-    assert jfusion.Exact() == jfusion.Exact("auction") and hash(jfusion.Exact("hungarian"))
+    assert jfusion.Exact() == jfusion.Exact("hungarian") and hash(jfusion.Exact("hungarian"))

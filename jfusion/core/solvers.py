@@ -90,7 +90,7 @@ def _conditioned(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(spread > 0, (safe - low) / jnp.where(spread > 0, spread, 1.0), 0.0), informative
 
 
-ALGORITHMS = ("auction", "hungarian")
+ALGORITHMS = ("hungarian", "auction")
 
 
 def _assign(scaled: jax.Array, algorithm: str, max_iterations: int | None):
@@ -111,12 +111,12 @@ def _report(plan, cost, informative, certified, iterations) -> OTResult:
 
 
 def assignment_plan(
-    cost: jax.Array, algorithm: str = "auction", max_iterations: int | None = None
+    cost: jax.Array, algorithm: str = "hungarian", max_iterations: int | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Exact OT plan between uniform measures of sizes n and m, one dividing the other.
 
-    Solved as a linear assignment (:mod:`jfusion.core.auction`, or optax's Hungarian
-    algorithm) after replicating the smaller side ``max(n, m) / min(n, m)`` times; every
+    Solved as a linear assignment (optax's Hungarian algorithm, or
+    :mod:`jfusion.core.auction`) after replicating the smaller side ``max(n, m) / min(n, m)`` times; every
     entry of the plan is a multiple of ``1 / max(n, m)``, so for ``n == m`` it is exactly
     ``P / n`` for a permutation matrix ``P``, not a float approximation of it. Returns
     ``(plan, informative, certified, iterations)``.
@@ -153,18 +153,22 @@ class Exact:
     :class:`Sinkhorn` takes any.
 
     Attributes:
-      algorithm: ``"auction"`` (default): a forward auction with epsilon-scaling on the
-        cost quantised to integers (:mod:`jfusion.core.auction`), vectorised, fast to
-        compile, with an optimality certificate for the quantised cost; the plan's cost
-        ``<C, plan>`` is then within ``(max C - min C) (1/Q + 2^-21)`` of the float optimum,
+      algorithm: ``"hungarian"`` (default): optax's Hungarian algorithm on the float cost,
+        ``O(n^3)`` in a sequential loop. ``"auction"``: a forward auction with
+        epsilon-scaling on the cost quantised to integers (:mod:`jfusion.core.auction`),
+        vectorised over the rows and batched under ``vmap``, with an optimality certificate
+        for the quantised cost; the plan's cost ``<C, plan>`` is then within
+        ``(max C - min C) (1/Q + 2^-21)`` of the float optimum,
         ``Q = min(2^24, 2^28 // (size + 1))`` (``size = max(n, m)``;
-        :func:`jfusion.core.auction.quantisation_gap`). ``"hungarian"``: optax's Hungarian
-        algorithm on the float cost, ``O(n^3)`` in a sequential loop.
+        :func:`jfusion.core.auction.quantisation_gap`). On 2 CPU cores it is as fast as the
+        Hungarian on neuron-like costs and 10-50x slower on random ones
+        (``benchmarks/bench_solvers.py``); it is meant for accelerators, where it is not
+        yet measured, so it is not the default.
       max_iterations: the auction's cap on bidding rounds (None: 1000 + 100 n); a plan that
         hits it is reported ``converged=False``.
     """
 
-    algorithm: Literal["auction", "hungarian"] = "auction"
+    algorithm: Literal["hungarian", "auction"] = "hungarian"
     max_iterations: int | None = None
 
     def __post_init__(self):
