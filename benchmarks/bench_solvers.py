@@ -8,7 +8,7 @@ first call's time (compile included, for JAX), the warm time (median of repeats)
 the solution's cost to scipy's optimum, relative to it (``0`` = the optimum; Sinkhorn's plan is
 entropic, so its gap is its blur).
 
-    python benchmarks/bench_solvers.py            # n = 64, 256, 1024; K = 1, 8 (~3 min on 2 cores)
+    python benchmarks/bench_solvers.py            # n = 64, 256, 1024; K = 1, 8 (~6 min on 2 cores)
     python benchmarks/bench_solvers.py --quick    # n = 16, 64; K = 1, 4
 """
 

@@ -8,7 +8,6 @@ its view) changes them. Wrong specs are the most common failure of fusion code.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -32,17 +31,10 @@ def permute(
     Returns the permuted pytree and ``{group: perm}``, where new neuron ``q`` is old neuron
     ``perm[q]``; the network computes the same function.
     """
-    widths = spec.validate({p: np.shape(x) for p, x in flatten(params)[0].items()}, "params")
-    chosen = spec.groups if groups is None else tuple(groups)
-    return _permuted(params, spec, key, chosen, tuple(widths.items()))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 3, 4))
-def _permuted(params, spec, key, groups, widths_items):
-    # One program per (spec, shapes): eagerly, every leaf's ops would compile on their own.
-    widths = dict(widths_items)
-    perms = {g: jax.random.permutation(k, widths[g]) for g, k in zip(groups, jax.random.split(key, len(groups)))}
     leaves, treedef = flatten(params)
+    widths = spec.validate({p: np.shape(x) for p, x in leaves.items()}, "params")
+    chosen = spec.groups if groups is None else groups
+    perms = {g: jax.random.permutation(k, widths[g]) for g, k in zip(chosen, jax.random.split(key, len(chosen)))}
     leaves = {p: jnp.asarray(x) for p, x in leaves.items()}
     return unflatten(treedef, permute_groups(leaves, spec, perms, widths)), perms
 
@@ -56,7 +48,6 @@ def _scale(a: PyTree) -> float:
     return float(max((jnp.max(jnp.abs(jnp.asarray(x))) for x in jax.tree.leaves(a)), default=0.0))
 
 
-@jax.jit  # one program per tree structure, not a few per leaf
 def perturb_constant_leaves(variables: PyTree, key: jax.Array) -> PyTree:
     """Make every floating-point leaf whose entries are all equal vary (others are kept).
 
@@ -69,14 +60,15 @@ def perturb_constant_leaves(variables: PyTree, key: jax.Array) -> PyTree:
     out = {}
     for (path, x), k in zip(leaves.items(), jax.random.split(key, max(len(leaves), 1))):
         x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.size < 2:
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.size < 2 or not bool(jnp.all(x == x.reshape(-1)[0])):
             out[path] = x
             continue
         constant = x.reshape(-1)[0]
-        scaled = x * jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5)
-        shifted = x + 0.1 * jnp.maximum(jnp.abs(constant), 1.0) * jax.random.normal(k, x.shape)
-        noisy = jnp.where(constant > 0, scaled, shifted)
-        out[path] = jnp.where(jnp.all(x == constant), noisy, x).astype(x.dtype)
+        if bool(constant > 0):
+            noisy = x * jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5)
+        else:
+            noisy = x + 0.1 * jnp.maximum(jnp.abs(constant), 1.0) * jax.random.normal(k, x.shape)
+        out[path] = noisy.astype(x.dtype)
     return unflatten(treedef, out)
 
 

@@ -49,3 +49,18 @@ def duplicate_neurons(params, spec, key):
         expand = jnp.asarray(copies @ shuffle, jnp.float32)
         maps[group] = GroupMap(to_output=expand, to_input=expand / 2)
     return unflatten(treedef, {p: transport_leaf(x, spec[p], maps, widths) for p, x in leaves.items()})
+
+
+def partition(spec):
+    """The spec up to group names: each leaf's view layout, and the groups as sets of dims."""
+    layouts = {leaf.path: tuple(d if isinstance(d, int) else None for d in leaf.dims) for leaf in spec.leaves}
+    groups = {}
+    for leaf in spec.leaves:
+        for dim, group in enumerate(leaf.dim_groups):
+            if group is not None:
+                groups.setdefault(group, set()).add((leaf.path, dim))
+    return layouts, {frozenset(dims) for dims in groups.values()}
+
+
+def assert_same_groups(traced, hand):
+    assert partition(traced) == partition(hand), f"traced:\n{traced}\nhand:\n{hand}"

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from planted import max_tree_difference
+from planted import assert_same_groups, max_tree_difference
 
 import jfusion
 from jfusion.core.nnx import fresh
@@ -184,10 +184,20 @@ def test_trace_spec_on_an_nnx_resnet_is_checked_and_fuses_planted_permutations()
     state = randomized(module, 2)
     nnx.update(module, state)  # trace_spec checks on the module's own (random) state
     spec = jfusion.trace_spec(module, X_IMAGES[0])  # runs check_spec
-    stream = spec["block/conv2/kernel"].axes[-1]
-    assert spec["block/shortcut/kernel"].axes == (None, None, spec["stem/kernel"].axes[-1], stream)
-    assert spec["block/shortcut_bn/mean"].axes == (stream,) == spec["head/kernel"].axes[:1]
-    assert len(spec.groups) == 3  # the stem, the block's inner conv, the widened stream
+    # By hand: the stem "s", the block's inner conv "c", and the stream "t" that the second
+    # conv and the 1x1 shortcut both write (the shortcut reads the stem).
+    def conv_bn(conv, bn, reads, writes):
+        return {f"{conv}/kernel": (None, None, reads, writes), **{f"{bn}/{v}": (writes,) for v in ("scale", "bias", "mean", "var")}}
+
+    hand = jfusion.Spec({
+        **conv_bn("stem", "stem_bn", None, "s"),
+        **conv_bn("block/conv1", "block/bn1", "s", "c"),
+        **conv_bn("block/conv2", "block/bn2", "c", "t"),
+        **conv_bn("block/shortcut", "block/shortcut_bn", "s", "t"),
+        "head/kernel": ("t", None),
+        "head/bias": (None,),
+    })
+    assert_same_groups(spec, hand)
     permuted, _ = jfusion.permute(state, spec, jax.random.key(5))
     assert max_tree_difference(permuted, state) > 0.1
     fused = jfusion.fuse([state, permuted], spec).params

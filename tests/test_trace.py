@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.extend.core import Primitive
-from planted import max_tree_difference, random_variables
+from planted import assert_same_groups, max_tree_difference, random_variables
 
 import jfusion
 from jfusion.core.tree import flatten
@@ -25,21 +25,6 @@ from jfusion.models import (
     mlp_spec,
     rnn_spec,
 )
-
-
-def partition(spec):
-    """The spec up to group names: each leaf's view layout, and the groups as sets of dims."""
-    layouts = {leaf.path: tuple(d if isinstance(d, int) else None for d in leaf.dims) for leaf in spec.leaves}
-    groups = {}
-    for leaf in spec.leaves:
-        for dim, group in enumerate(leaf.dim_groups):
-            if group is not None:
-                groups.setdefault(group, set()).add((leaf.path, dim))
-    return layouts, {frozenset(dims) for dims in groups.values()}
-
-
-def assert_same_groups(traced, hand):
-    assert partition(traced) == partition(hand), f"traced:\n{traced}\nhand:\n{hand}"
 
 
 def shapes(model, x):
@@ -227,7 +212,7 @@ def test_traced_spec_of_models_written_here(name, own_traced):
     assert_same_groups(traced, OWN[name][2])
 
 
-@pytest.mark.parametrize("name", ["residual_cnn", "layernorm_mlp"])
+@pytest.mark.parametrize("name", list(OWN))
 def test_planted_permutations_of_traced_groups_are_recovered_by_fuse(name, own_traced):
     variables, traced = own_traced[name]
     permuted, _ = jfusion.permute(variables, traced, jax.random.key(3))
