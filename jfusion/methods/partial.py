@@ -24,7 +24,6 @@ engine, not a parallel implementation: ``alpha = 0`` is exactly :func:`jfusion.f
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Mapping, NamedTuple, Sequence
 
 import jax
@@ -195,17 +194,18 @@ def partial_fuse(
     producer = PartialPlans(solver, metric, tuple(alphas.items()), tuple(counts.items()))
     problem = shape_problem.with_producer(producer)
     fused, out = run(problem, model_weights)
-    fused, owners, nonzero = _in_owner_order(spec, producer, tuple(problem.config.output_widths.items()), fused, out.received)
-    size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(fused))
-    return PartialFusion(fused, out.plans, owners, jnp.asarray(size), nonzero)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _in_owner_order(spec, producer, widths_items, fused, received):
-    """Every group's slots in the order [fused | isolated of model 0 | model 1 | ...]."""
-    owners = {g: _owners(producer.coverage(g, received[g])) for g in spec.groups}
+    # Put every group's slots in the order [fused | isolated of model 0 | model 1 | ...].
+    # Eager: one jitted permutation of a whole ResNet compiles for far longer than its ops.
+    owners = {g: _owners(producer.coverage(g, out.received[g])) for g in spec.groups}
     orders = {g: jnp.argsort(owners[g], stable=True) for g in spec.groups}
     leaves, treedef = flatten(fused)
-    fused = unflatten(treedef, permute_groups(leaves, spec, orders, dict(widths_items)))
-    nonzero = sum(jnp.count_nonzero(x) for x in jax.tree.leaves(fused))
-    return fused, {g: owners[g][orders[g]] for g in spec.groups}, nonzero
+    fused = unflatten(treedef, permute_groups(leaves, spec, orders, problem.config.output_widths))
+    owners = {g: owners[g][orders[g]] for g in spec.groups}
+    leaves = jax.tree.leaves(fused)
+    return PartialFusion(
+        fused,
+        out.plans,
+        owners,
+        jnp.asarray(sum(int(np.prod(x.shape)) for x in leaves)),
+        sum(jnp.count_nonzero(x) for x in leaves),
+    )
