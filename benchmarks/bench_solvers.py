@@ -1,6 +1,7 @@
-"""Exact OT solvers side by side on the same costs: optax's Hungarian and jfusion's auction (both
-jitted and vmapped over K problems, as jfusion.Exact runs them), scipy's linear_sum_assignment and
-POT's ot.emd on the host (a loop over K), and jfusion.Sinkhorn (jitted, vmapped).
+"""Exact OT solvers side by side on the same costs: jfusion.Exact's algorithms -- scipy's assignment
+called from the program (``"scipy"``, the CPU default), optax's Hungarian and jfusion's auction --
+jitted and vmapped over K problems as jfusion.Exact runs them; scipy's linear_sum_assignment and
+POT's ot.emd called directly on the host (a loop over K); and jfusion.Sinkhorn (jitted, vmapped).
 
 Costs: ``random`` (uniform on [0, 1]) and ``neuron`` (a random weight matrix's rows against a
 noisy permutation of themselves: pairwise squared distances, what fusion aligns). For each: the
@@ -104,6 +105,7 @@ def main():
                 cs = costs(kind, n, k)
                 optimum = [cost_of(c, scipy_cols(c)) for c in cs.astype(np.float64)]
                 solvers = {
+                    "Exact('scipy') (jitted host call)": (exact_jax("scipy"), jnp.asarray(cs)),
                     "hungarian (optax)": (exact_jax("hungarian"), jnp.asarray(cs)),
                     "auction (jfusion)": (exact_jax("auction"), jnp.asarray(cs)),
                     "scipy lsa (host loop)": (host(scipy_cols), cs),

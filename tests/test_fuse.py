@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from planted import duplicate_neurons, max_tree_difference, permutation_matrix
+from planted import duplicate_neurons, max_tree_difference, permutation_matrix, random_variables
 
 import jfusion
 from jfusion.models import CNN, MLP, cnn_spec, mlp_spec
@@ -18,7 +18,7 @@ SMALL_CNN_SPEC = cnn_spec(2, 2, 49)
 
 
 def init(model, seed, shape):
-    return model.init(jax.random.key(seed), jnp.ones((1, *shape)))
+    return random_variables(model, shape, seed)
 
 
 @pytest.mark.parametrize(
