@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfusion.core.spec import Spec
+from jfusion.core.spec import Spec, conv, dense
+from jfusion.core.spec import batch_norm as norm
 from jfusion.models.sow import record_activations
 
 Layer = Union[int, str]
@@ -98,15 +99,8 @@ def vgg_spec(
     axes = {}
     for i in range(num_convs):
         group = f"c{i}"
-        axes[f"params/Conv_{i}/kernel"] = (None, None, f"c{i - 1}" if i else None, group)
-        if use_bias:
-            axes[f"params/Conv_{i}/bias"] = (group,)
+        axes.update(conv(f"Conv_{i}", f"c{i - 1}" if i else None, group, bias=use_bias))
         if batch_norm:
-            for name in ("scale", "bias"):
-                axes[f"params/BatchNorm_{i}/{name}"] = (group,)
-            for name in ("mean", "var"):
-                axes[f"batch_stats/BatchNorm_{i}/{name}"] = (group,)
-    axes["params/Dense_0/kernel"] = (f"c{num_convs - 1}", None)
-    if use_bias:
-        axes["params/Dense_0/bias"] = (None,)
+            axes.update(norm(f"BatchNorm_{i}", group))
+    axes.update(dense("Dense_0", f"c{num_convs - 1}", None, bias=use_bias))
     return Spec(axes)
