@@ -297,13 +297,32 @@ def weight_support(
     return jnp.concatenate(parts, axis=1)
 
 
+def _missing_activations(activations: Mapping[str, jax.Array], group: str) -> str:
+    """Why ``group`` has no activations, and the two ways to give it some."""
+    where = (
+        f"the activation function returned no activations at all: the model sows none"
+        if not activations
+        else f"the activation function returned activations for {sorted(activations)} but none "
+        f"for {group!r} (sown names must be the spec's group names; a traced spec names its "
+        f"groups after modules, e.g. 'Dense_0')"
+    )
+    return (
+        f"group {group!r}: {where}. Either say where each group's activations are, with "
+        f"jfusion.ByActivations.from_module(model, points=...): points=spec takes every group's "
+        f"writer modules (those of its kernels, biases and norms), or points={{{group!r}: "
+        f"'path/to/module'}} the output of a module you choose; or sow them in the model's "
+        f"__call__: self.sow('activations', {group!r}, x) in a linen module (from_module reads "
+        f"the collection named by collection=, default 'activations'; skip it while "
+        f"initialising, `if not self.is_initializing()`, or init's variables carry it), "
+        f"self.sow(nnx.Intermediate, {group!r}, x) in an nnx one. A ByActivations(fn) of your "
+        f"own must return {{group: array (..., n_group)}} for every group of the spec"
+    )
+
+
 def activation_support(activations: Mapping[str, jax.Array], group: str, width: int) -> jax.Array:
     """``(n, S)`` activation support from ``activations[group]`` of shape ``(..., n)``."""
     if group not in activations:
-        raise SpecError(
-            f"group {group!r}: the activation function returned no activations for it "
-            f"(it returned {sorted(activations)})"
-        )
+        raise SpecError(_missing_activations(activations, group))
     a = activations[group]
     if a.shape[-1] != width:
         raise SpecError(
