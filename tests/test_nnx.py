@@ -4,15 +4,13 @@ Kept fast: tiny widths and inputs, one model instance and one fusion per archite
 (module fixtures), traced specs with ``check=False`` where another test checks them.
 """
 
-import re
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from planted import assert_same_groups, max_tree_difference
+from readme import python_blocks
 
 import jfusion
 from jfusion import layers
@@ -208,9 +206,7 @@ def test_trace_spec_on_an_nnx_resnet_is_checked_and_fuses_planted_permutations()
 
 
 def readme_example():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("### flax.nnx"):]
-    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    return python_blocks("### flax.nnx")[0]
 
 
 @pytest.mark.slow  # trains models
