@@ -184,6 +184,39 @@ class Spec:
     Attributes:
       leaves: one :class:`LeafSpec` per labelled leaf, in the order given.
       groups: every group, in the order they are solved (inputs before the groups they feed).
+
+    Examples:
+      A Dense layer of 8 hidden neurons (group ``h0``) and a logits layer, by hand and
+      from the layer builders (:mod:`jfusion.layers`):
+
+      >>> import jfusion
+      >>> from jfusion import layers
+      >>> spec = jfusion.Spec({
+      ...     "params/Dense_0/kernel": (None, "h0"),  # (in, out): writes h0
+      ...     "params/Dense_0/bias": ("h0",),
+      ...     "params/Dense_1/kernel": ("h0", None),  # reads h0, writes logits
+      ...     "params/Dense_1/bias": (None,),
+      ... })
+      >>> spec.groups, [leaf.path for leaf in spec.readers("h0")]
+      (('h0',), ['params/Dense_1/kernel'])
+      >>> spec == jfusion.Spec({**layers.dense("Dense_0", None, "h0"), **layers.dense("Dense_1", "h0", None)})
+      True
+      >>> spec.validate({"params/Dense_0/kernel": (4, 8), "params/Dense_0/bias": (8,),
+      ...                "params/Dense_1/kernel": (8, 3), "params/Dense_1/bias": (3,)})
+      {'h0': 8}
+
+      A group that nothing reads is refused when the Spec is built:
+
+      >>> jfusion.Spec({"params/Dense_0/kernel": (None, "h0")})
+      Traceback (most recent call last):
+        ...
+      jfusion.core.errors.SpecError: group 'h0' is written by ['params/Dense_0/kernel'] but no leaf reads it ...
+
+    References:
+      - Samuel K. Ainsworth, Jonathan Hayase and Siddhartha Srinivasa. *Git Re-Basin: Merging
+        Models modulo Permutation Symmetries.* ICLR 2023 (its permutation specs label
+        parameter axes the way a Spec does).
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
 
     leaves: tuple[LeafSpec, ...]

@@ -31,13 +31,35 @@ from jfusion.core.tree import flatten, module_path
 
 @dataclasses.dataclass(frozen=True)
 class ByWeights:
-    """Align by weights.
+    """Align by weights: a neuron's support is its incoming weights after past correction.
 
     Attributes:
       outgoing: add each neuron's outgoing weights to its support (only those whose other
         groups already have a plan in this sweep or the previous one).
       sweeps: passes over all groups; later passes see every other group's plan, so
         outgoing weights and recurrent (same group on both axes) weights count fully.
+
+    Examples:
+      The default (incoming weights, one sweep) recovers a shuffled copy; with
+      ``outgoing=True, sweeps=2`` each neuron is also compared by the weights it sends on,
+      the coordinate descent of weight matching (Git Re-Basin):
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> shuffled, _ = jfusion.permute(params, spec, jax.random.key(1))
+      >>> fused = jfusion.fuse([params, shuffled], spec, alignment=jfusion.ByWeights()).params
+      >>> bool(jnp.allclose(fused["params"]["Dense_1"]["kernel"], params["params"]["Dense_1"]["kernel"], atol=1e-6))
+      True
+      >>> jfusion.ByWeights(outgoing=True, sweeps=2)
+      ByWeights(outgoing=True, sweeps=2)
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
+      - Samuel K. Ainsworth, Jonathan Hayase and Siddhartha Srinivasa. *Git Re-Basin: Merging
+        Models modulo Permutation Symmetries.* ICLR 2023 (weight matching by coordinate
+        descent over the layers).
     """
 
     outgoing: bool = False
@@ -195,6 +217,30 @@ class ByActivations:
         widths need another module instance); ``fn`` when None.
       model_fns: one function per model, for models of different widths given as a list
         (each needs a module of its own widths); ``fn`` for every model when None.
+
+    Examples:
+      jfusion's reference MLP sows each hidden layer's pre-activations under its group's
+      name, so :meth:`from_module` needs nothing else; a model that sows nothing names
+      the modules whose outputs are the groups' activations with ``points=``:
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, spec = MLP((8, 3)), mlp_spec(2)
+      >>> x = jax.random.normal(jax.random.key(2), (16, 4))  # the batch the activations are on
+      >>> params = model.init(jax.random.key(0), x)
+      >>> shuffled, _ = jfusion.permute(params, spec, jax.random.key(1))
+      >>> alignment = jfusion.ByActivations.from_module(model)
+      >>> fused = jfusion.fuse([params, shuffled], spec, alignment=alignment, inputs=x).params
+      >>> bool(jnp.allclose(fused["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"], atol=1e-6))
+      True
+      >>> jfusion.ByActivations.from_module(model, points={"h0": "Dense_0"}).fn.points
+      (('h0', ('Dense_0',)),)
+      >>> jfusion.ByActivations.from_module(model, points=spec).fn.points  # each group's writers
+      (('h0', ('Dense_0',)),)
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020
+        (activation-based alignment, ``acts``).
     """
 
     fn: Callable[[Any, jax.Array], Mapping[str, jax.Array]]

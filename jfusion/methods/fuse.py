@@ -65,6 +65,27 @@ def fuse(
 
     Returns:
       A :class:`Fusion`: the fused ``params`` and the ``plans``.
+
+    Examples:
+      Fuse a network with a copy of itself whose hidden neurons were shuffled: alignment
+      undoes the shuffle, so the average is the network again (vanilla averaging is not).
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> shuffled, _ = jfusion.permute(params, spec, jax.random.key(1))
+      >>> result = jfusion.fuse([params, shuffled], spec)
+      >>> kernel = params["params"]["Dense_0"]["kernel"]
+      >>> bool(jnp.allclose(result.params["params"]["Dense_0"]["kernel"], kernel, atol=1e-6))
+      True
+      >>> result.plans["h0"].plan.shape  # per model (K = 2): n x m, mass 1/n per matched pair
+      (2, 8, 8)
+      >>> bool(result.plans["h0"].converged.all())
+      True
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
     producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
     return fuse_with(producer, params_list, spec, alignment=alignment, model_weights=model_weights, target=target, inputs=inputs)
