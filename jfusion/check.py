@@ -101,7 +101,7 @@ def check_spec(
     (tolerance ``rtol`` times the outputs' largest magnitude). On a mismatch, each group is
     permuted alone to name the groups -- and their leaves -- that break the function. The
     check runs on a copy of ``variables`` whose constant leaves were perturbed
-    (:func:`perturb_constant_leaves`), so it also sees through ``model.init`` output.
+    (:func:`jfusion.check.perturb_constant_leaves`), so it also sees through ``model.init`` output.
 
     Examples:
       A right spec returns None; one that leaves the hidden group off the second kernel's

@@ -1,4 +1,4 @@
-"""The README's code blocks, section by section, for the tests that run them."""
+"""The README's and the docs' code blocks, for the tests that run them."""
 
 import re
 from pathlib import Path
@@ -26,5 +26,10 @@ def section(heading: str) -> str:
 
 
 def python_blocks(heading: str) -> list[str]:
-    """The ```python blocks of a section, in order."""
+    """The ```python blocks of a README section, in order."""
     return re.findall(r"```python\n(.*?)```", section(heading), flags=re.S)
+
+
+def file_python_blocks(path: Path) -> list[str]:
+    """The ```python blocks of a markdown file, in order."""
+    return re.findall(r"```python\n(.*?)```", Path(path).read_text(), flags=re.S)

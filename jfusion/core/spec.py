@@ -412,7 +412,7 @@ def dense(name: str, inputs: Entry, outputs: str | None, *, bias: bool = True, n
         instead of linen variables (``"params/name/kernel"``).
 
     Returns:
-      ``{path: axes}`` entries, to be merged into the dict a :class:`Spec` is built from.
+      ``{path: axes}`` entries, to be merged into the dict a :class:`jfusion.Spec` is built from.
 
     Examples:
       >>> import jfusion
@@ -453,7 +453,7 @@ def conv(
       nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
 
     Returns:
-      ``{path: axes}`` entries for a :class:`Spec`.
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
 
     Examples:
       >>> import jfusion
@@ -487,7 +487,7 @@ def batch_norm(name: str, group: str, *, scale: bool = True, bias: bool = True, 
       nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
 
     Returns:
-      ``{path: axes}`` entries for a :class:`Spec`, parameters first.
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`, parameters first.
 
     Examples:
       >>> import jfusion
@@ -526,7 +526,7 @@ def layer_norm(name: str, group: str, *, scale: bool = True, bias: bool = True, 
       nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
 
     Returns:
-      ``{path: axes}`` entries for a :class:`Spec`.
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
 
     Examples:
       >>> import jfusion
@@ -554,7 +554,7 @@ def embed(name: str, outputs: str | None, *, nnx: bool = False) -> Entries:
       nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
 
     Returns:
-      ``{path: axes}`` entries for a :class:`Spec`.
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
 
     Examples:
       >>> import jfusion
@@ -577,7 +577,7 @@ def bias(name: str, group: str | None, *, nnx: bool = False) -> Entries:
       nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
 
     Returns:
-      ``{path: axes}`` entries for a :class:`Spec`.
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
 
     Examples:
       >>> import jfusion

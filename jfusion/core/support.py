@@ -151,7 +151,7 @@ class NnxActivations:
 
     ``__call__(state, inputs)`` merges a fresh module from ``graphdef`` and ``state``, runs
     it on ``inputs`` under ``nnx.capture`` and returns ``{group: (..., n_group)}``. It is a
-    pure function of the state, so it ``vmap``s over the K models' states stacked on K.
+    pure function of the state, so ``vmap`` maps it over the K models' states stacked on K.
 
     With no ``points``: the module's ``self.sow(nnx.Intermediate, group, x)`` calls give the
     groups' activations. ``Module.sow`` *accumulates*: each call appends its value to a tuple
@@ -212,7 +212,7 @@ class ByActivations:
     Attributes:
       fn: ``fn(variables, inputs) -> {group: array (..., n_group)}``, each group's
         pre-activations with the neuron axis last. It runs inside the fused program,
-        ``vmap``ed over the K models. :meth:`from_module` builds one from a linen or nnx module.
+        under ``vmap`` over the K models. :meth:`from_module` builds one from a linen or nnx module.
       target_fn: the same for a target given as a pytree of another architecture (other
         widths need another module instance); ``fn`` when None.
       model_fns: one function per model, for models of different widths given as a list
@@ -269,7 +269,7 @@ class ByActivations:
 
         ``points`` maps groups to module paths whose outputs are the groups' activations,
         or is a Spec, whose groups get the outputs of their writer modules (see
-        :func:`activation_points`; what fits a traced spec). ``target_module`` is the module
+        ``jfusion.core.support.activation_points``; what fits a traced spec). ``target_module`` is the module
         of a target pytree of other widths, ``modules`` one module per model when the
         models' widths differ (e.g. a pruned and a dense model).
         """

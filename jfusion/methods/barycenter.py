@@ -74,7 +74,9 @@ def barycenter_fuse(
     is OTFusion). The fused widths are the initial estimate's, so they may be smaller or
     larger than the models'.
 
-    Args: as :func:`jfusion.fuse`, plus
+    The other arguments are :func:`jfusion.fuse`'s.
+
+    Args:
       target: the first estimate: a model index or a params pytree of the target architecture.
       widths: compress the initial estimate to these widths first (``{group: width}`` or a
         multiplier; :func:`jfusion.prune` by merging), i.e. start from "a model fused into

@@ -60,8 +60,17 @@ def fuse(
     For BatchNorm networks, recompute the statistics afterwards:
     ``recalibrate_batch_stats(train_apply, fuse(...).params, batches)``.
 
-    Args: as :func:`jfusion.align`, plus
+    Args:
+      params_list: K pytrees of one structure, or one pytree stacked along a leading K axis.
+      spec: the layer topology (:class:`jfusion.Spec`, or the dict it is built from).
+      solver: ``"exact"`` (default), ``"sinkhorn"`` or a solver object
+        (:class:`jfusion.Exact`, :class:`jfusion.Sinkhorn`).
+      alignment: ``"weights"``, :class:`jfusion.ByWeights` or :class:`jfusion.ByActivations`.
+      metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
       model_weights: the weights ``w_k`` (K,), normalised to sum to one; uniform by default.
+      target: index of the model to align onto, or a params pytree of the target
+        architecture (other widths: fusing into a smaller or larger model).
+      inputs: the batch activation alignment runs on.
 
     Returns:
       A :class:`Fusion`: the fused ``params`` and the ``plans``.
@@ -105,7 +114,7 @@ def fuse_with(
 
     :func:`fuse` is ``fuse_with(BalancedPlans(solver, metric), ...)``; a new method is a
     producer passed here (or an entry point of its own around ``prepare`` and ``run`` of
-    :mod:`jfusion.core.align` when the producer depends on the models' widths).
+    ``jfusion.core.align`` when the producer depends on the models' widths).
     """
     problem = prepare(params_list, spec, producer, alignment=alignment, target=target, inputs=inputs)
     fused, out = run(problem, model_weights)

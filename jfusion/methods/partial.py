@@ -5,10 +5,9 @@ Ensembles and Weight Aggregation", ICML 2026. With ``alpha`` the fraction of eve
 neurons kept *isolated* (per group), ``alpha = 0`` is OT fusion and ``alpha = 1`` the
 ensemble (a block-diagonal network whose logits are the weighted average of the models').
 
-Partial OT is what every solver offers (``solver.partial``, see
-:mod:`jfusion.core.solvers`): a fraction ``1 - alpha`` of each model's mass is transported
-between neurons and the rest goes to a sink; the neurons sending their mass to the sink --
-the worst matched -- stay isolated. Solved exactly, this is the best matching of
+Partial OT is what every solver offers (``partial`` of :class:`jfusion.Solver`): a
+fraction ``1 - alpha`` of each model's mass is transported between neurons and the rest goes
+to a sink; the neurons sending their mass to the sink -- the worst matched -- stay isolated. Solved exactly, this is the best matching of
 ``n - round(alpha n)`` pairs; with Sinkhorn (the sink-point formulation), the
 ``round(alpha n)`` neurons sending most mass to the sink are isolated and a neuron split
 between both keeps both shares.
@@ -163,7 +162,9 @@ def partial_fuse(
     from ``m`` to ``m + sum_k round(alpha n_k)``; non-zero parameters per hidden layer from
     1x to Kx (Morelli & Eckstein 2026, §3).
 
-    Args: as :func:`jfusion.fuse`, plus
+    The other arguments are :func:`jfusion.fuse`'s.
+
+    Args:
       alpha: the isolated fraction, one value or ``{group: alpha}`` (missing groups: 0).
       target: index of the model the others are aligned onto (default 0, as everywhere).
 

@@ -14,7 +14,7 @@ from jfusion.models.sow import record_activations
 
 Layer = Union[int, str]
 
-# Conv widths, with "M" for a 2x2 max-pool (Simonyan & Zisserman's configuration A).
+#: VGG11's conv widths, with ``"M"`` for a 2x2 max-pool (Simonyan & Zisserman's configuration A).
 VGG11: tuple[Layer, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
@@ -38,7 +38,7 @@ class VGG(nn.Module):
     ``"activations"`` as ``c0, c1, ...``, the group names of :func:`vgg_spec`.
 
     Attributes:
-      features: conv widths and ``"M"`` pools, e.g. :data:`VGG11`.
+      features: conv widths and ``"M"`` pools, e.g. :data:`jfusion.models.vgg.VGG11`.
       batch_norm: a BatchNorm after every conv; ``__call__(x, train=True)`` then uses
         batch statistics and updates ``batch_stats`` (pass ``mutable=["batch_stats"]``).
       num_classes: logits.
