@@ -29,7 +29,6 @@ def test_the_readme_sets_up_and_runs_the_demo_in_one_command():
 def test_the_readmes_spec_examples_run():
     from flax import nnx
 
-    import jfusion
     from jfusion import layers
     from readme import python_blocks
 

@@ -346,7 +346,7 @@ def weight_support(
 def _missing_activations(activations: Mapping[str, jax.Array], group: str) -> str:
     """Why ``group`` has no activations, and the two ways to give it some."""
     where = (
-        f"the activation function returned no activations at all: the model sows none"
+        "the activation function returned no activations at all: the model sows none"
         if not activations
         else f"the activation function returned activations for {sorted(activations)} but none "
         f"for {group!r} (sown names must be the spec's group names; a traced spec names its "
