@@ -15,10 +15,13 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, traced from the model by :func:`trace_spec` or written by
-  hand, checked with :func:`check_spec`; :func:`permute` plants random permutations.
+  hand (one layer at a time with :mod:`jfusion.layers`: ``layers.dense``, ``layers.conv``,
+  ``layers.batch_norm``...), checked with :func:`check_spec`; :func:`permute` plants random
+  permutations.
   K models: :func:`stack_models`, :func:`unstack_models`.
 """
 
+from jfusion import layers
 from jfusion.check import check_spec, permute
 from jfusion.core.align import Alignment, align
 from jfusion.core.costs import GroundMetric
@@ -65,6 +68,7 @@ __all__ = [
     "ensemble_apply",
     "fuse",
     "fuse_with",
+    "layers",
     "loss_barrier",
     "partial_fuse",
     "permute",

@@ -30,6 +30,20 @@ def permute(
 
     Returns the permuted pytree and ``{group: perm}``, where new neuron ``q`` is old neuron
     ``perm[q]``; the network computes the same function.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> shuffled, perms = jfusion.permute(params, spec, jax.random.key(1))
+      >>> sorted(perms), perms["h0"].shape
+      (['h0'], (8,))
+      >>> bool(jnp.allclose(model.apply(shuffled, x), model.apply(params, x), atol=1e-6))
+      True
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
     leaves, treedef = flatten(params)
     widths = spec.validate({p: np.shape(x) for p, x in leaves.items()}, "params")
@@ -87,7 +101,27 @@ def check_spec(
     (tolerance ``rtol`` times the outputs' largest magnitude). On a mismatch, each group is
     permuted alone to name the groups -- and their leaves -- that break the function. The
     check runs on a copy of ``variables`` whose constant leaves were perturbed
-    (:func:`perturb_constant_leaves`), so it also sees through ``model.init`` output.
+    (:func:`jfusion.check.perturb_constant_leaves`), so it also sees through ``model.init`` output.
+
+    Examples:
+      A right spec returns None; one that leaves the hidden group off the second kernel's
+      input axis is caught, and the message names the group and its leaves:
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> jfusion.check_spec(model.apply, params, spec, x)
+      >>> wrong = jfusion.Spec({**spec.as_dict(), "params/Dense_0/kernel": (None, None)})
+      >>> jfusion.check_spec(model.apply, params, wrong, x)
+      Traceback (most recent call last):
+        ...
+      jfusion.core.errors.SpecError: the spec does not describe the model: ...
+
+    References:
+      - Samuel K. Ainsworth, Jonathan Hayase and Siddhartha Srinivasa. *Git Re-Basin: Merging
+        Models modulo Permutation Symmetries.* ICLR 2023 (its permutation specs label
+        parameter axes the way a Spec does).
     """
     variables = perturb_constant_leaves(variables, jax.random.fold_in(jax.random.key(seed), 1))
     reference = apply_fn(variables, x)

@@ -758,6 +758,31 @@ def trace_spec(
     Raises:
       TraceError: a primitive without a rule (with ``unknown="error"``), or a traced spec
         that fails its check.
+
+    Examples:
+      A linen MLP's spec, its group named after the module of its incoming kernel:
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> traced = jfusion.trace_spec(model.apply, params, x)
+      >>> traced.groups
+      ('Dense_0',)
+      >>> traced["params/Dense_0/kernel"].axes, traced["params/Dense_1/kernel"].axes
+      ((None, 'Dense_0'), ('Dense_0', None))
+
+      An nnx Module is traced on its own state; paths are those of ``nnx.split``:
+
+      >>> from flax import nnx
+      >>> linear = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(0)))
+      >>> jfusion.trace_spec(linear, x).as_dict()["layers/2/kernel"]
+      ('layers/0', None)
+
+    References:
+      - Samuel K. Ainsworth, Jonathan Hayase and Siddhartha Srinivasa. *Git Re-Basin: Merging
+        Models modulo Permutation Symmetries.* ICLR 2023 (its permutation specs label
+        parameter axes the way a Spec does).
     """
     if unknown not in UNKNOWN_MODES:
         raise ValueError(f"unknown must be one of {UNKNOWN_MODES}, not {unknown!r}")

@@ -1,9 +1,11 @@
 """Bad input gets an error naming the leaf path, the axis, and the expected and found sizes."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jfusion
 from jfusion.models import MLP, mlp_spec
@@ -90,3 +92,50 @@ def test_activation_alignment_needs_inputs_and_a_source():
         jfusion.fuse(models, SPEC, alignment="activations").params
     with pytest.raises(jfusion.FusionInputError, match="needs inputs=x"):
         jfusion.fuse(models, SPEC, alignment=jfusion.ByActivations(lambda v, x: {})).params
+
+
+class SowsNothing(nn.Module):
+    """An MLP of the same leaves as ``MLP((5, 4, 3))`` that sows nothing."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(5, name="Dense_0")(x))
+        x = nn.relu(nn.Dense(4, name="Dense_1")(x))
+        return nn.Dense(3, name="Dense_2")(x)
+
+
+class NnxSowsNothing(nnx.Module):
+    def __init__(self, rngs):
+        self.first = nnx.Linear(6, 5, rngs=rngs)
+        self.out = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.first(x)))
+
+
+def test_activation_alignment_on_a_model_that_sows_nothing_says_what_to_do():
+    x = jnp.ones((4, 6))
+    model = SowsNothing()
+    models = [model.init(jax.random.key(k), x) for k in (0, 1)]
+    with pytest.raises(jfusion.SpecError) as raised:
+        jfusion.fuse(models, SPEC, alignment=jfusion.ByActivations.from_module(model), inputs=x).params
+    message = str(raised.value)
+    assert "returned no activations at all: the model sows none" in message
+    assert "ByActivations.from_module(model, points=...)" in message and "points=spec" in message
+    assert "self.sow('activations', 'h0', x)" in message and "self.sow(nnx.Intermediate, 'h0', x)" in message
+    # Both remedies work: points= on the same model, or a model that sows.
+    jfusion.fuse(models, SPEC, alignment=jfusion.ByActivations.from_module(model, points=SPEC), inputs=x).params
+    jfusion.fuse(models, SPEC, alignment=jfusion.ByActivations.from_module(MLP((5, 4, 3))), inputs=x).params
+
+    module = NnxSowsNothing(nnx.Rngs(0))
+    states = [nnx.state(module), nnx.state(NnxSowsNothing(nnx.Rngs(1)))]
+    spec = mlp_spec(["first", "out"], prefix="")
+    with pytest.raises(jfusion.SpecError, match=r"no activations at all.*points=spec.*nnx.Intermediate"):
+        jfusion.fuse(states, spec, alignment=jfusion.ByActivations.from_module(module), inputs=x).params
+
+
+def test_activations_missing_for_one_group_name_the_ones_returned():
+    models = [init((5, 4, 3)), init((5, 4, 3), 1)]
+    only_h0 = jfusion.ByActivations(lambda v, x: {"h0": jnp.ones((x.shape[0], 5))})
+    with pytest.raises(jfusion.SpecError, match=r"group 'h1': .*activations for \['h0'\] but none for 'h1'.*points="):
+        jfusion.fuse(models, SPEC, alignment=only_h0, inputs=jnp.ones((4, 6))).params

@@ -4,17 +4,16 @@ Kept fast: tiny widths and inputs, one model instance and one fusion per archite
 (module fixtures), traced specs with ``check=False`` where another test checks them.
 """
 
-import re
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from planted import assert_same_groups, max_tree_difference
+from readme import python_blocks
 
 import jfusion
+from jfusion import layers
 from jfusion.core.nnx import fresh
 from jfusion.core.tree import flatten, unflatten
 from jfusion.models import mlp_spec
@@ -187,15 +186,14 @@ def test_trace_spec_on_an_nnx_resnet_is_checked_and_fuses_planted_permutations()
     # By hand: the stem "s", the block's inner conv "c", and the stream "t" that the second
     # conv and the 1x1 shortcut both write (the shortcut reads the stem).
     def conv_bn(conv, bn, reads, writes):
-        return {f"{conv}/kernel": (None, None, reads, writes), **{f"{bn}/{v}": (writes,) for v in ("scale", "bias", "mean", "var")}}
+        return {**layers.conv(conv, reads, writes, bias=False, nnx=True), **layers.batch_norm(bn, writes, nnx=True)}
 
     hand = jfusion.Spec({
         **conv_bn("stem", "stem_bn", None, "s"),
         **conv_bn("block/conv1", "block/bn1", "s", "c"),
         **conv_bn("block/conv2", "block/bn2", "c", "t"),
         **conv_bn("block/shortcut", "block/shortcut_bn", "s", "t"),
-        "head/kernel": ("t", None),
-        "head/bias": (None,),
+        **layers.dense("head", "t", None, nnx=True),
     })
     assert_same_groups(spec, hand)
     permuted, _ = jfusion.permute(state, spec, jax.random.key(5))
@@ -208,9 +206,7 @@ def test_trace_spec_on_an_nnx_resnet_is_checked_and_fuses_planted_permutations()
 
 
 def readme_example():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("### flax.nnx"):]
-    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    return python_blocks("### flax.nnx")[0]
 
 
 @pytest.mark.slow  # trains models

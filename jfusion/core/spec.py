@@ -184,6 +184,39 @@ class Spec:
     Attributes:
       leaves: one :class:`LeafSpec` per labelled leaf, in the order given.
       groups: every group, in the order they are solved (inputs before the groups they feed).
+
+    Examples:
+      A Dense layer of 8 hidden neurons (group ``h0``) and a logits layer, by hand and
+      from the layer builders (:mod:`jfusion.layers`):
+
+      >>> import jfusion
+      >>> from jfusion import layers
+      >>> spec = jfusion.Spec({
+      ...     "params/Dense_0/kernel": (None, "h0"),  # (in, out): writes h0
+      ...     "params/Dense_0/bias": ("h0",),
+      ...     "params/Dense_1/kernel": ("h0", None),  # reads h0, writes logits
+      ...     "params/Dense_1/bias": (None,),
+      ... })
+      >>> spec.groups, [leaf.path for leaf in spec.readers("h0")]
+      (('h0',), ['params/Dense_1/kernel'])
+      >>> spec == jfusion.Spec({**layers.dense("Dense_0", None, "h0"), **layers.dense("Dense_1", "h0", None)})
+      True
+      >>> spec.validate({"params/Dense_0/kernel": (4, 8), "params/Dense_0/bias": (8,),
+      ...                "params/Dense_1/kernel": (8, 3), "params/Dense_1/bias": (3,)})
+      {'h0': 8}
+
+      A group that nothing reads is refused when the Spec is built:
+
+      >>> jfusion.Spec({"params/Dense_0/kernel": (None, "h0")})
+      Traceback (most recent call last):
+        ...
+      jfusion.core.errors.SpecError: group 'h0' is written by ['params/Dense_0/kernel'] but no leaf reads it ...
+
+    References:
+      - Samuel K. Ainsworth, Jonathan Hayase and Siddhartha Srinivasa. *Git Re-Basin: Merging
+        Models modulo Permutation Symmetries.* ICLR 2023 (its permutation specs label
+        parameter axes the way a Spec does).
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
 
     leaves: tuple[LeafSpec, ...]
@@ -339,3 +372,217 @@ class Spec:
         for leaf in self.leaves:
             leaf.view_shape(shapes[leaf.path], widths)  # inferred dims must divide evenly
         return widths
+
+
+# -- One layer's entries ------------------------------------------------------------------
+#
+# Flax names a layer's leaves the same way in every model: a Dense or Conv has ``kernel``
+# (inputs, then outputs last) and ``bias``, a BatchNorm ``scale`` and ``bias`` beside its
+# running ``mean`` and ``var``. These builders write those entries, so a Spec is a few
+# ``**builder(...)`` lines: ``Spec({**conv("Conv_0", None, "c0"), **batch_norm("BatchNorm_0", "c0")})``.
+# Public as ``jfusion.layers``.
+
+Entries = dict[str, tuple[Entry, ...]]
+
+
+def _layer_paths(name: str, nnx: bool) -> tuple[str, str]:
+    """The path prefixes of a layer's parameters and of its batch statistics."""
+    if not isinstance(name, str) or not name or name.startswith("/") or name.endswith("/"):
+        raise SpecError(
+            f"a layer name must be its module path, e.g. 'Dense_0' or 'block/conv1', not {name!r}"
+        )
+    return (name, name) if nnx else (f"params/{name}", f"batch_stats/{name}")
+
+
+def dense(name: str, inputs: Entry, outputs: str | None, *, bias: bool = True, nnx: bool = False) -> Entries:
+    """A Dense layer's entries (``flax.linen.Dense``, ``nnx.Linear``): ``kernel`` and ``bias``.
+
+    The kernel is ``(inputs, outputs)``, the bias ``(outputs,)``: the layer writes group
+    ``outputs`` and reads group ``inputs``.
+
+    Args:
+      name: the layer's module path: ``"Dense_0"`` (linen's ``nn.compact`` name),
+        ``"stage0_block0/fc"``, or an nnx attribute path such as ``"hidden"`` or ``"layers/0"``.
+      inputs: the kernel's input axis: the group the layer reads, ``None`` when it reads the
+        model's inputs (never permuted), or a view such as ``(49, "c1")`` for a flattened
+        7x7 feature map of group ``c1``.
+      outputs: the group the layer writes, or ``None`` for an output layer (logits).
+      bias: whether the layer has a bias (``use_bias``).
+      nnx: label an ``nnx.State`` (paths ``"name/kernel"``, as ``nnx.split`` gives them)
+        instead of linen variables (``"params/name/kernel"``).
+
+    Returns:
+      ``{path: axes}`` entries, to be merged into the dict a :class:`jfusion.Spec` is built from.
+
+    Examples:
+      >>> import jfusion
+      >>> jfusion.layers.dense("Dense_0", None, "h0")
+      {'params/Dense_0/kernel': (None, 'h0'), 'params/Dense_0/bias': ('h0',)}
+      >>> jfusion.layers.dense("out", "h0", None, nnx=True)
+      {'out/kernel': ('h0', None), 'out/bias': (None,)}
+    """
+    params, _ = _layer_paths(name, nnx)
+    entries: Entries = {f"{params}/kernel": (inputs, outputs)}
+    if bias:
+        entries[f"{params}/bias"] = (outputs,)
+    return entries
+
+
+def conv(
+    name: str,
+    inputs: str | None,
+    outputs: str | None,
+    *,
+    bias: bool = True,
+    spatial: int = 2,
+    nnx: bool = False,
+) -> Entries:
+    """A convolution's entries (``flax.linen.Conv``, ``nnx.Conv``): ``kernel`` and ``bias``.
+
+    Flax stores the kernel as ``(*window, in, out)``, so it is labelled
+    ``(None,) * spatial + (inputs, outputs)``: the window positions are never permuted. A
+    grouped convolution (``feature_group_count > 1``) needs a view on its input axis and is
+    written by hand.
+
+    Args:
+      name: the layer's module path (``"Conv_0"``, ``"stage1_block0/conv1"``, ``"conv"``).
+      inputs: the group the convolution reads, or ``None`` for the image channels.
+      outputs: the group it writes, or ``None``.
+      bias: whether it has a bias (``use_bias``; the ResNets' convs have none).
+      spatial: the number of window dimensions (2 for images, 1 for sequences).
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
+
+    Examples:
+      >>> import jfusion
+      >>> jfusion.layers.conv("Conv_1", "c0", "c1")
+      {'params/Conv_1/kernel': (None, None, 'c0', 'c1'), 'params/Conv_1/bias': ('c1',)}
+      >>> jfusion.layers.conv("conv", None, "c", bias=False, spatial=1, nnx=True)
+      {'conv/kernel': (None, None, 'c')}
+    """
+    if not isinstance(spatial, int) or isinstance(spatial, bool) or spatial < 0:
+        raise SpecError(f"{name}: spatial is the number of window dimensions, an int >= 0, not {spatial!r}")
+    params, _ = _layer_paths(name, nnx)
+    entries: Entries = {f"{params}/kernel": (None,) * spatial + (inputs, outputs)}
+    if bias:
+        entries[f"{params}/bias"] = (outputs,)
+    return entries
+
+
+def batch_norm(name: str, group: str, *, scale: bool = True, bias: bool = True, nnx: bool = False) -> Entries:
+    """A BatchNorm's four entries: ``scale`` and ``bias``, running ``mean`` and ``var``.
+
+    All four carry the channels of ``group`` (the group of the layer the norm follows). In
+    linen variables the parameters live in the ``params`` collection and the statistics in
+    ``batch_stats`` (``"params/name/scale"``, ``"batch_stats/name/mean"``); in an
+    ``nnx.State`` all four sit under the module (``"name/scale"``, ``"name/mean"``).
+
+    Args:
+      name: the norm's module path (``"BatchNorm_0"``, ``"stage0_block0/bn1"``, ``"norm"``).
+      group: the channels it normalises.
+      scale: whether it has a scale (``use_scale``).
+      bias: whether it has a bias (``use_bias``).
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`, parameters first.
+
+    Examples:
+      >>> import jfusion
+      >>> for path, axes in jfusion.layers.batch_norm("BatchNorm_0", "c0").items():
+      ...     print(path, axes)
+      params/BatchNorm_0/scale ('c0',)
+      params/BatchNorm_0/bias ('c0',)
+      batch_stats/BatchNorm_0/mean ('c0',)
+      batch_stats/BatchNorm_0/var ('c0',)
+      >>> list(jfusion.layers.batch_norm("norm", "h", nnx=True))
+      ['norm/scale', 'norm/bias', 'norm/mean', 'norm/var']
+    """
+    params, stats = _layer_paths(name, nnx)
+    entries: Entries = {}
+    if scale:
+        entries[f"{params}/scale"] = (group,)
+    if bias:
+        entries[f"{params}/bias"] = (group,)
+    entries[f"{stats}/mean"] = (group,)
+    entries[f"{stats}/var"] = (group,)
+    return entries
+
+
+def layer_norm(name: str, group: str, *, scale: bool = True, bias: bool = True, nnx: bool = False) -> Entries:
+    """A LayerNorm's (or RMSNorm's, with ``bias=False``) entries: ``scale`` and ``bias``.
+
+    Normalising over the features does not depend on their order, so permuting ``group``
+    permutes the scale and bias with it. Not for GroupNorm with more than one group: its
+    statistics are per block of channels, which a permutation would mix.
+
+    Args:
+      name: the norm's module path (``"LayerNorm_0"``, ``"block/ln"``).
+      group: the features it normalises.
+      scale: whether it has a scale (``use_scale``).
+      bias: whether it has a bias (``use_bias``; RMSNorm has none).
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
+
+    Examples:
+      >>> import jfusion
+      >>> jfusion.layers.layer_norm("LayerNorm_0", "h0")
+      {'params/LayerNorm_0/scale': ('h0',), 'params/LayerNorm_0/bias': ('h0',)}
+    """
+    params, _ = _layer_paths(name, nnx)
+    entries: Entries = {}
+    if scale:
+        entries[f"{params}/scale"] = (group,)
+    if bias:
+        entries[f"{params}/bias"] = (group,)
+    return entries
+
+
+def embed(name: str, outputs: str | None, *, nnx: bool = False) -> Entries:
+    """An embedding table's entry (``flax.linen.Embed``, ``nnx.Embed``): ``embedding``.
+
+    The table is ``(num_embeddings, features)``: the token index is never permuted, the
+    features are the group the embedding writes.
+
+    Args:
+      name: the module path (``"Embed_0"``, ``"tokens"``).
+      outputs: the group of the embedding features, or ``None``.
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
+
+    Examples:
+      >>> import jfusion
+      >>> jfusion.layers.embed("Embed_0", "e")
+      {'params/Embed_0/embedding': (None, 'e')}
+    """
+    params, _ = _layer_paths(name, nnx)
+    return {f"{params}/embedding": (None, outputs)}
+
+
+def bias(name: str, group: str | None, *, nnx: bool = False) -> Entries:
+    """A lone ``bias`` leaf of ``group``: a layer's bias labelled apart from its kernel.
+
+    For modules that hold a bias without a kernel, or whose kernel is labelled otherwise
+    (a recurrent cell's hidden-to-hidden gate: ``dense(..., bias=False)`` then ``bias(...)``).
+
+    Args:
+      name: the module path holding the bias.
+      group: the group it writes, or ``None``.
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
+
+    Examples:
+      >>> import jfusion
+      >>> jfusion.layers.bias("Recurrent_0/hi", "r0")
+      {'params/Recurrent_0/hi/bias': ('r0',)}
+    """
+    params, _ = _layer_paths(name, nnx)
+    return {f"{params}/bias": (group,)}

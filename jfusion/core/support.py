@@ -31,13 +31,35 @@ from jfusion.core.tree import flatten, module_path
 
 @dataclasses.dataclass(frozen=True)
 class ByWeights:
-    """Align by weights.
+    """Align by weights: a neuron's support is its incoming weights after past correction.
 
     Attributes:
       outgoing: add each neuron's outgoing weights to its support (only those whose other
         groups already have a plan in this sweep or the previous one).
       sweeps: passes over all groups; later passes see every other group's plan, so
         outgoing weights and recurrent (same group on both axes) weights count fully.
+
+    Examples:
+      The default (incoming weights, one sweep) recovers a shuffled copy; with
+      ``outgoing=True, sweeps=2`` each neuron is also compared by the weights it sends on,
+      the coordinate descent of weight matching (Git Re-Basin):
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> shuffled, _ = jfusion.permute(params, spec, jax.random.key(1))
+      >>> fused = jfusion.fuse([params, shuffled], spec, alignment=jfusion.ByWeights()).params
+      >>> bool(jnp.allclose(fused["params"]["Dense_1"]["kernel"], params["params"]["Dense_1"]["kernel"], atol=1e-6))
+      True
+      >>> jfusion.ByWeights(outgoing=True, sweeps=2)
+      ByWeights(outgoing=True, sweeps=2)
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
+      - Samuel K. Ainsworth, Jonathan Hayase and Siddhartha Srinivasa. *Git Re-Basin: Merging
+        Models modulo Permutation Symmetries.* ICLR 2023 (weight matching by coordinate
+        descent over the layers).
     """
 
     outgoing: bool = False
@@ -129,7 +151,7 @@ class NnxActivations:
 
     ``__call__(state, inputs)`` merges a fresh module from ``graphdef`` and ``state``, runs
     it on ``inputs`` under ``nnx.capture`` and returns ``{group: (..., n_group)}``. It is a
-    pure function of the state, so it ``vmap``s over the K models' states stacked on K.
+    pure function of the state, so ``vmap`` maps it over the K models' states stacked on K.
 
     With no ``points``: the module's ``self.sow(nnx.Intermediate, group, x)`` calls give the
     groups' activations. ``Module.sow`` *accumulates*: each call appends its value to a tuple
@@ -190,11 +212,35 @@ class ByActivations:
     Attributes:
       fn: ``fn(variables, inputs) -> {group: array (..., n_group)}``, each group's
         pre-activations with the neuron axis last. It runs inside the fused program,
-        ``vmap``ed over the K models. :meth:`from_module` builds one from a linen or nnx module.
+        under ``vmap`` over the K models. :meth:`from_module` builds one from a linen or nnx module.
       target_fn: the same for a target given as a pytree of another architecture (other
         widths need another module instance); ``fn`` when None.
       model_fns: one function per model, for models of different widths given as a list
         (each needs a module of its own widths); ``fn`` for every model when None.
+
+    Examples:
+      jfusion's reference MLP sows each hidden layer's pre-activations under its group's
+      name, so :meth:`from_module` needs nothing else; a model that sows nothing names
+      the modules whose outputs are the groups' activations with ``points=``:
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, spec = MLP((8, 3)), mlp_spec(2)
+      >>> x = jax.random.normal(jax.random.key(2), (16, 4))  # the batch the activations are on
+      >>> params = model.init(jax.random.key(0), x)
+      >>> shuffled, _ = jfusion.permute(params, spec, jax.random.key(1))
+      >>> alignment = jfusion.ByActivations.from_module(model)
+      >>> fused = jfusion.fuse([params, shuffled], spec, alignment=alignment, inputs=x).params
+      >>> bool(jnp.allclose(fused["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"], atol=1e-6))
+      True
+      >>> jfusion.ByActivations.from_module(model, points={"h0": "Dense_0"}).fn.points
+      (('h0', ('Dense_0',)),)
+      >>> jfusion.ByActivations.from_module(model, points=spec).fn.points  # each group's writers
+      (('h0', ('Dense_0',)),)
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020
+        (activation-based alignment, ``acts``).
     """
 
     fn: Callable[[Any, jax.Array], Mapping[str, jax.Array]]
@@ -223,7 +269,7 @@ class ByActivations:
 
         ``points`` maps groups to module paths whose outputs are the groups' activations,
         or is a Spec, whose groups get the outputs of their writer modules (see
-        :func:`activation_points`; what fits a traced spec). ``target_module`` is the module
+        ``jfusion.core.support.activation_points``; what fits a traced spec). ``target_module`` is the module
         of a target pytree of other widths, ``modules`` one module per model when the
         models' widths differ (e.g. a pruned and a dense model).
         """
@@ -297,13 +343,32 @@ def weight_support(
     return jnp.concatenate(parts, axis=1)
 
 
+def _missing_activations(activations: Mapping[str, jax.Array], group: str) -> str:
+    """Why ``group`` has no activations, and the two ways to give it some."""
+    where = (
+        "the activation function returned no activations at all: the model sows none"
+        if not activations
+        else f"the activation function returned activations for {sorted(activations)} but none "
+        f"for {group!r} (sown names must be the spec's group names; a traced spec names its "
+        f"groups after modules, e.g. 'Dense_0')"
+    )
+    return (
+        f"group {group!r}: {where}. Either say where each group's activations are, with "
+        f"jfusion.ByActivations.from_module(model, points=...): points=spec takes every group's "
+        f"writer modules (those of its kernels, biases and norms), or points={{{group!r}: "
+        f"'path/to/module'}} the output of a module you choose; or sow them in the model's "
+        f"__call__: self.sow('activations', {group!r}, x) in a linen module (from_module reads "
+        f"the collection named by collection=, default 'activations'; skip it while "
+        f"initialising, `if not self.is_initializing()`, or init's variables carry it), "
+        f"self.sow(nnx.Intermediate, {group!r}, x) in an nnx one. A ByActivations(fn) of your "
+        f"own must return {{group: array (..., n_group)}} for every group of the spec"
+    )
+
+
 def activation_support(activations: Mapping[str, jax.Array], group: str, width: int) -> jax.Array:
     """``(n, S)`` activation support from ``activations[group]`` of shape ``(..., n)``."""
     if group not in activations:
-        raise SpecError(
-            f"group {group!r}: the activation function returned no activations for it "
-            f"(it returned {sorted(activations)})"
-        )
+        raise SpecError(_missing_activations(activations, group))
     a = activations[group]
     if a.shape[-1] != width:
         raise SpecError(

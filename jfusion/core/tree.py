@@ -85,7 +85,7 @@ class ModelStack:
     """K parameter pytrees of one structure, as flat ``{path: leaf}`` dicts.
 
     ``stacked`` holds leaves with a leading K axis when every model has the same shapes
-    (so per-model work can be ``vmap``ed); otherwise ``models`` holds one dict per model.
+    (so ``vmap`` can map per-model work over them); otherwise ``models`` holds one dict per model.
     ``stack=False`` keeps a list of models apart even when their shapes agree (the tests
     compare the two paths). ``dtypes[k]`` are model k's leaf dtypes as given (stacking
     would promote them to a common one).

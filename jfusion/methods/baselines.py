@@ -44,6 +44,22 @@ def vanilla_average(
     Needs equal shapes; ``params_list`` is a list of pytrees or one stacked along axis 0.
     ``spec`` is optional (the plans are identities whatever the groups); without one every
     leaf is treated as ungrouped.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> other = model.init(jax.random.key(1), x)
+      >>> average = jfusion.vanilla_average([params, other], model_weights=[3, 1]).params
+      >>> expected = 0.75 * params["params"]["Dense_1"]["bias"] + 0.25 * other["params"]["Dense_1"]["bias"]
+      >>> bool(jnp.allclose(average["params"]["Dense_1"]["bias"], expected))
+      True
+
+    References:
+      - Brendan McMahan, Eider Moore, Daniel Ramage, Seth Hampson and Blaise Agüera y Arcas.
+        *Communication-Efficient Learning of Deep Networks from Decentralized Data.*
+        AISTATS 2017 (FedAvg).
     """
     models = ModelStack(params_list)
     shapes = [models.shapes(k) for k in range(models.num_models)]

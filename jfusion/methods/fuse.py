@@ -60,11 +60,41 @@ def fuse(
     For BatchNorm networks, recompute the statistics afterwards:
     ``recalibrate_batch_stats(train_apply, fuse(...).params, batches)``.
 
-    Args: as :func:`jfusion.align`, plus
+    Args:
+      params_list: K pytrees of one structure, or one pytree stacked along a leading K axis.
+      spec: the layer topology (:class:`jfusion.Spec`, or the dict it is built from).
+      solver: ``"exact"`` (default), ``"sinkhorn"`` or a solver object
+        (:class:`jfusion.Exact`, :class:`jfusion.Sinkhorn`).
+      alignment: ``"weights"``, :class:`jfusion.ByWeights` or :class:`jfusion.ByActivations`.
+      metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
       model_weights: the weights ``w_k`` (K,), normalised to sum to one; uniform by default.
+      target: index of the model to align onto, or a params pytree of the target
+        architecture (other widths: fusing into a smaller or larger model).
+      inputs: the batch activation alignment runs on.
 
     Returns:
       A :class:`Fusion`: the fused ``params`` and the ``plans``.
+
+    Examples:
+      Fuse a network with a copy of itself whose hidden neurons were shuffled: alignment
+      undoes the shuffle, so the average is the network again (vanilla averaging is not).
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> shuffled, _ = jfusion.permute(params, spec, jax.random.key(1))
+      >>> result = jfusion.fuse([params, shuffled], spec)
+      >>> kernel = params["params"]["Dense_0"]["kernel"]
+      >>> bool(jnp.allclose(result.params["params"]["Dense_0"]["kernel"], kernel, atol=1e-6))
+      True
+      >>> result.plans["h0"].plan.shape  # per model (K = 2): n x m, mass 1/n per matched pair
+      (2, 8, 8)
+      >>> bool(result.plans["h0"].converged.all())
+      True
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
     producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
     return fuse_with(producer, params_list, spec, alignment=alignment, model_weights=model_weights, target=target, inputs=inputs)
@@ -84,7 +114,7 @@ def fuse_with(
 
     :func:`fuse` is ``fuse_with(BalancedPlans(solver, metric), ...)``; a new method is a
     producer passed here (or an entry point of its own around ``prepare`` and ``run`` of
-    :mod:`jfusion.core.align` when the producer depends on the models' widths).
+    ``jfusion.core.align`` when the producer depends on the models' widths).
     """
     problem = prepare(params_list, spec, producer, alignment=alignment, target=target, inputs=inputs)
     fused, out = run(problem, model_weights)

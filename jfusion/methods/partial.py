@@ -5,10 +5,9 @@ Ensembles and Weight Aggregation", ICML 2026. With ``alpha`` the fraction of eve
 neurons kept *isolated* (per group), ``alpha = 0`` is OT fusion and ``alpha = 1`` the
 ensemble (a block-diagonal network whose logits are the weighted average of the models').
 
-Partial OT is what every solver offers (``solver.partial``, see
-:mod:`jfusion.core.solvers`): a fraction ``1 - alpha`` of each model's mass is transported
-between neurons and the rest goes to a sink; the neurons sending their mass to the sink --
-the worst matched -- stay isolated. Solved exactly, this is the best matching of
+Partial OT is what every solver offers (``partial`` of :class:`jfusion.Solver`): a
+fraction ``1 - alpha`` of each model's mass is transported between neurons and the rest goes
+to a sink; the neurons sending their mass to the sink -- the worst matched -- stay isolated. Solved exactly, this is the best matching of
 ``n - round(alpha n)`` pairs; with Sinkhorn (the sink-point formulation), the
 ``round(alpha n)`` neurons sending most mass to the sink are isolated and a neuron split
 between both keeps both shares.
@@ -163,13 +162,34 @@ def partial_fuse(
     from ``m`` to ``m + sum_k round(alpha n_k)``; non-zero parameters per hidden layer from
     1x to Kx (Morelli & Eckstein 2026, §3).
 
-    Args: as :func:`jfusion.fuse`, plus
+    The other arguments are :func:`jfusion.fuse`'s.
+
+    Args:
       alpha: the isolated fraction, one value or ``{group: alpha}`` (missing groups: 0).
       target: index of the model the others are aligned onto (default 0, as everywhere).
 
     Returns:
       A :class:`PartialFusion` with the fused params, its plans, each slot's owner and the
       parameter counts.
+
+    Examples:
+      Two networks of 8 hidden neurons at ``alpha = 0.5``: 4 neurons of each stay isolated,
+      the other 4 pairs are fused, so the fused layer has 4 + 4 + 4 neurons.
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> other = model.init(jax.random.key(1), x)
+      >>> result = jfusion.partial_fuse([params, other], spec, alpha=0.5)
+      >>> result.params["params"]["Dense_0"]["kernel"].shape
+      (4, 12)
+      >>> result.owners["h0"]  # -1: fused from both; k: model k's isolated neuron
+      Array([-1, -1, -1, -1,  0,  0,  0,  0,  1,  1,  1,  1], dtype=int32)
+
+    References:
+      - Fabian Morelli and Stephan Eckstein. *Partial Fusion of Neural Networks: Efficient
+        Tradeoffs Between Ensembles and Weight Aggregation.* ICML 2026, arXiv:2605.22350.
     """
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
         raise FusionInputError("partial fusion aligns onto one of the models: target must be a model index")

@@ -160,6 +160,25 @@ def prune(
     Returns:
       A :class:`jfusion.Fusion`: the compressed pytree (same structure, smaller groups)
       and each group's cluster plan (with a leading axis of one model). Jitted; pure.
+
+    Examples:
+      Merge 8 hidden neurons into 4, or keep the 4 of largest norm:
+
+      >>> import jax, jax.numpy as jnp, jfusion
+      >>> from jfusion.models import MLP, mlp_spec
+      >>> model, x, spec = MLP((8, 3)), jnp.ones((1, 4)), mlp_spec(2)  # 4 -> 8 (group h0) -> 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> merged = jfusion.prune(params, spec, {"h0": 4}).params
+      >>> merged["params"]["Dense_0"]["kernel"].shape, merged["params"]["Dense_1"]["kernel"].shape
+      ((4, 4), (4, 3))
+      >>> jfusion.prune(params, spec, 0.5, method="delete").params["params"]["Dense_0"]["bias"].shape
+      (4,)
+
+    References:
+      - Fabian Morelli and Stephan Eckstein. *Partial Fusion of Neural Networks: Efficient
+        Tradeoffs Between Ensembles and Weight Aggregation.* ICML 2026, arXiv:2605.22350.
+      - Hao Li, Asim Kadav, Igor Durdanovic, Hanan Samet and Hans Peter Graf. *Pruning
+        Filters for Efficient ConvNets.* ICLR 2017 (deletion by L1 norm).
     """
     if method not in ("merge", "delete"):
         raise FusionInputError(f"method must be 'merge' or 'delete', not {method!r}")

@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Union
 import flax.linen as nn
 import jax
 
-from jfusion.core.spec import Spec
+from jfusion.core.spec import Spec, conv, dense
+from jfusion.models.mlp import _prefixed
 from jfusion.models.sow import record_activations
 
 
@@ -80,14 +81,12 @@ def cnn_spec(num_convs: int, num_dense: int, spatial: int, *, prefix: str = "par
         the first dense kernel's input axis (a view ``(spatial, c_last)``).
       prefix: ``"params"`` for linen variables, ``""`` for an nnx State.
     """
-    base = f"{prefix}/" if prefix else ""
+    layer, nnx = _prefixed(prefix)
     axes = {}
     for i in range(num_convs):
-        axes[f"{base}Conv_{i}/kernel"] = (None, None, f"c{i - 1}" if i else None, f"c{i}")
-        axes[f"{base}Conv_{i}/bias"] = (f"c{i}",)
+        axes.update(conv(layer(f"Conv_{i}"), f"c{i - 1}" if i else None, f"c{i}", nnx=nnx))
     for j in range(num_dense):
         inp = f"f{j - 1}" if j else ((spatial, f"c{num_convs - 1}") if num_convs else None)
         out = f"f{j}" if j < num_dense - 1 else None
-        axes[f"{base}Dense_{j}/kernel"] = (inp, out)
-        axes[f"{base}Dense_{j}/bias"] = (out,)
+        axes.update(dense(layer(f"Dense_{j}"), inp, out, nnx=nnx))
     return Spec(axes)

@@ -7,7 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from jfusion.core.spec import Spec
+from jfusion.core.spec import Spec, dense
 from jfusion.models.sow import record_activations
 
 
@@ -55,12 +55,18 @@ def mlp_spec(
       group_prefix: prefix of the group names.
     """
     names = [f"Dense_{i}" for i in range(layers)] if isinstance(layers, int) else list(layers)
-    base = f"{prefix}/" if prefix else ""
+    layer, nnx = _prefixed(prefix)
     axes = {}
     for i, name in enumerate(names):
         inp = f"{group_prefix}{i - 1}" if i > 0 else None
         out = f"{group_prefix}{i}" if i < len(names) - 1 else None
-        axes[f"{base}{name}/kernel"] = (inp, out)
-        if bias:
-            axes[f"{base}{name}/bias"] = (out,)
+        axes.update(dense(layer(name), inp, out, bias=bias, nnx=nnx))
     return Spec(axes)
+
+
+def _prefixed(prefix: str):
+    """``prefix`` as the layer builders take it: ``"params"`` is linen's collection, any
+    other prefix (``""`` for an nnx State) is prepended to the module path as it is."""
+    if prefix == "params":
+        return (lambda name: name), False
+    return (lambda name: f"{prefix}/{name}" if prefix else name), True

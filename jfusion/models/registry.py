@@ -69,8 +69,9 @@ def _rnn(*, hidden: Sequence[int] = (64,), num_classes: int = 10, cell: str = "l
     return RecurrentClassifier(hidden, num_classes, cell)
 
 
-# name -> builder: keyword-only arguments, all with defaults (so describe can record every
-# one); sequences arrive as tuples.
+#: The reference models by name, ``{name: builder}``; ``builder(**kwargs)`` returns the
+#: module. Builders take keyword-only arguments, all with defaults (so
+#: :func:`jfusion.models.describe` can record every one); sequences arrive as tuples.
 MODELS: Mapping[str, Callable[..., nn.Module]] = {
     "mlpnet": _mlpnet,  # OTFusion's MLPNet: 400-200-100-num_classes
     "mlp": _mlp,  # the given layer widths, the last being the classes
@@ -114,7 +115,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """The module registered as ``name``, built with ``kwargs``.
 
     Lists (as JSON gives them) are turned into tuples, so the module is hashable: a ``jit``
-    static argument, e.g. of :func:`jfusion.train.train_models` and activation alignment.
+    static argument, e.g. of ``jfusion.workflow.train.train_models`` and activation alignment.
     """
     full = _full_kwargs(name, kwargs)
     return MODELS[name](**{k: _module_value(v) for k, v in full.items()})

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfusion.core.spec import Spec
+from jfusion.core.spec import Spec, batch_norm, conv, dense
 from jfusion.models.sow import record_activations
 
 
@@ -178,12 +178,9 @@ def resnet_spec(
         )
     axes: dict = {}
 
-    def conv_bn(prefix: str, conv: str, bn: str, reads: Optional[str], writes: str) -> None:
-        axes[f"params/{prefix}{conv}/kernel"] = (None, None, reads, writes)
-        for name in ("scale", "bias"):
-            axes[f"params/{prefix}{bn}/{name}"] = (writes,)
-        for name in ("mean", "var"):
-            axes[f"batch_stats/{prefix}{bn}/{name}"] = (writes,)
+    def conv_bn(prefix: str, conv_name: str, bn: str, reads: Optional[str], writes: str) -> None:
+        axes.update(conv(f"{prefix}{conv_name}", reads, writes, bias=False))
+        axes.update(batch_norm(f"{prefix}{bn}", writes))
 
     stream = _stem_group(stage_sizes, stage_widths, stem_width)
     width = stem_width or stage_widths[0]
@@ -198,6 +195,5 @@ def resnet_spec(
             if b == 0 and _projects(s, width, out_width):
                 conv_bn(block, "proj_conv", "proj_bn", stream, out)
             stream, width = out, out_width
-    axes["params/head/kernel"] = (stream, None)
-    axes["params/head/bias"] = (None,)
+    axes.update(dense("head", stream, None))
     return Spec(axes)

@@ -16,7 +16,8 @@ from typing import Literal, Sequence
 import flax.linen as nn
 import jax
 
-from jfusion.core.spec import Spec
+from jfusion.core.spec import Spec, bias, dense
+from jfusion.models.mlp import _prefixed
 from jfusion.models.sow import record_activations
 
 CellKind = Literal["simple", "lstm", "gru"]
@@ -93,17 +94,17 @@ def rnn_spec(
     if len(names) != num_layers:
         raise ValueError(f"{num_layers} layers but {len(names)} layer_names")
     input_biased, input_plain, hidden_biased, hidden_plain = _CELL_LEAVES[cell]
-    base = f"{prefix}/" if prefix else ""
+    layer, nnx = _prefixed(prefix)
     axes: dict[str, tuple] = {}
     for i, name in enumerate(names):
         group, previous = f"{group_prefix}{i}", (f"{group_prefix}{i - 1}" if i else None)
+        # Kernels first, then the biases, as the gates are listed.
         for gate in input_biased + input_plain:
-            axes[f"{base}{name}/{gate}/kernel"] = (previous, group)
+            axes.update(dense(layer(f"{name}/{gate}"), previous, group, bias=False, nnx=nnx))
         for gate in hidden_biased + hidden_plain:
-            axes[f"{base}{name}/{gate}/kernel"] = (group, group)
+            axes.update(dense(layer(f"{name}/{gate}"), group, group, bias=False, nnx=nnx))
         for gate in input_biased + hidden_biased:
-            axes[f"{base}{name}/{gate}/bias"] = (group,)
+            axes.update(bias(layer(f"{name}/{gate}"), group, nnx=nnx))
     if readout is not None:
-        axes[f"{base}{readout}/kernel"] = (f"{group_prefix}{num_layers - 1}", None)
-        axes[f"{base}{readout}/bias"] = (None,)
+        axes.update(dense(layer(readout), f"{group_prefix}{num_layers - 1}", None, nnx=nnx))
     return Spec(axes)

@@ -8,12 +8,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfusion.core.spec import Spec
+from jfusion.core.spec import Spec, conv, dense
+from jfusion.core.spec import batch_norm as norm
 from jfusion.models.sow import record_activations
 
 Layer = Union[int, str]
 
-# Conv widths, with "M" for a 2x2 max-pool (Simonyan & Zisserman's configuration A).
+#: VGG11's conv widths, with ``"M"`` for a 2x2 max-pool (Simonyan & Zisserman's configuration A).
 VGG11: tuple[Layer, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
@@ -37,7 +38,7 @@ class VGG(nn.Module):
     ``"activations"`` as ``c0, c1, ...``, the group names of :func:`vgg_spec`.
 
     Attributes:
-      features: conv widths and ``"M"`` pools, e.g. :data:`VGG11`.
+      features: conv widths and ``"M"`` pools, e.g. :data:`jfusion.models.vgg.VGG11`.
       batch_norm: a BatchNorm after every conv; ``__call__(x, train=True)`` then uses
         batch statistics and updates ``batch_stats`` (pass ``mutable=["batch_stats"]``).
       num_classes: logits.
@@ -98,15 +99,8 @@ def vgg_spec(
     axes = {}
     for i in range(num_convs):
         group = f"c{i}"
-        axes[f"params/Conv_{i}/kernel"] = (None, None, f"c{i - 1}" if i else None, group)
-        if use_bias:
-            axes[f"params/Conv_{i}/bias"] = (group,)
+        axes.update(conv(f"Conv_{i}", f"c{i - 1}" if i else None, group, bias=use_bias))
         if batch_norm:
-            for name in ("scale", "bias"):
-                axes[f"params/BatchNorm_{i}/{name}"] = (group,)
-            for name in ("mean", "var"):
-                axes[f"batch_stats/BatchNorm_{i}/{name}"] = (group,)
-    axes["params/Dense_0/kernel"] = (f"c{num_convs - 1}", None)
-    if use_bias:
-        axes["params/Dense_0/bias"] = (None,)
+            axes.update(norm(f"BatchNorm_{i}", group))
+    axes.update(dense("Dense_0", f"c{num_convs - 1}", None, bias=use_bias))
     return Spec(axes)

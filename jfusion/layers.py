@@ -1,0 +1,21 @@
+"""Spec entries for common layers, so a Spec reads as the model does.
+
+Each builder returns the ``{path: axes}`` entries of one layer's leaves, named as Flax
+names them; merge them into the dict a :class:`jfusion.Spec` is built from::
+
+    from jfusion import layers
+
+    spec = jfusion.Spec({
+        **layers.conv("Conv_0", None, "c0"),          # kernel (H, W, in, out) and bias
+        **layers.batch_norm("BatchNorm_0", "c0"),     # scale, bias; batch_stats mean, var
+        **layers.dense("Dense_0", (49, "c0"), "h0"),  # reads a flattened 7x7 map of c0
+        **layers.dense("Dense_1", "h0", None),        # logits: ungrouped output
+    })
+
+Paths are linen's (``"params/Conv_0/kernel"``, ``"batch_stats/BatchNorm_0/mean"``) by
+default and an ``nnx.State``'s (``"conv/kernel"``, ``"norm/mean"``) with ``nnx=True``.
+"""
+
+from jfusion.core.spec import batch_norm, bias, conv, dense, embed, layer_norm
+
+__all__ = ["batch_norm", "bias", "conv", "dense", "embed", "layer_norm"]
