@@ -16,7 +16,9 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, traced from the model by :func:`trace_spec` or written by
   hand, checked with :func:`check_spec`; :func:`permute` plants random permutations.
-  K models: :func:`stack_models`, :func:`unstack_models`.
+  K models: :func:`stack_models`, :func:`unstack_models`, :func:`take_model`.
+* Fused pytrees of other widths (partial fusion, pruning, barycenters): :func:`widths_of`
+  reads their widths, :func:`module_for` builds the module that applies them.
 """
 
 from jfusion.check import check_spec, permute
@@ -34,6 +36,8 @@ from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.methods.fuse import Fusion, fuse, fuse_with
 from jfusion.methods.partial import PartialFusion, partial_fuse
 from jfusion.methods.prune import prune
+from jfusion.models.widths import module_for, widths_of
+from jfusion.pytrees import take_model
 from jfusion.trace import TraceError, trace_spec
 
 __all__ = [
@@ -66,12 +70,15 @@ __all__ = [
     "fuse",
     "fuse_with",
     "loss_barrier",
+    "module_for",
     "partial_fuse",
     "permute",
     "prune",
     "recalibrate_batch_stats",
     "stack_models",
+    "take_model",
     "trace_spec",
     "unstack_models",
     "vanilla_average",
+    "widths_of",
 ]

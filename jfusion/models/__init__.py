@@ -1,4 +1,5 @@
-"""Reference Flax models, the builders of their Specs, and a registry of them by name."""
+"""Reference Flax models, the builders of their Specs, a registry of them by name, and the module
+that fits a pytree of other widths."""
 
 from jfusion.models.cnn import CNN, cnn_spec
 from jfusion.models.mlp import MLP, mlp_spec
@@ -13,6 +14,7 @@ from jfusion.models.registry import (
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
 from jfusion.models.rnn import RecurrentClassifier, rnn_spec
 from jfusion.models.vgg import VGG, VGG11, vgg_spec
+from jfusion.models.widths import module_for, widths_of
 
 __all__ = [
     "BasicBlock",
@@ -32,7 +34,9 @@ __all__ = [
     "from_metadata",
     "mlp_spec",
     "model_arguments",
+    "module_for",
     "resnet_spec",
     "rnn_spec",
     "vgg_spec",
+    "widths_of",
 ]
