@@ -1,5 +1,5 @@
-"""Reference Flax models, the builders of their Specs, a registry of them by name, and the module
-that fits a pytree of other widths."""
+"""Reference Flax models, the builders of their Specs, a registry of them by name (and of yours by
+``package.module:Factory``), and the module that fits a pytree of other widths."""
 
 from jfusion.models.cnn import CNN, cnn_spec
 from jfusion.models.mlp import MLP, mlp_spec
@@ -10,6 +10,7 @@ from jfusion.models.registry import (
     describe,
     from_metadata,
     model_arguments,
+    resolve_model,
 )
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
 from jfusion.models.rnn import RecurrentClassifier, rnn_spec
@@ -36,6 +37,7 @@ __all__ = [
     "model_arguments",
     "module_for",
     "resnet_spec",
+    "resolve_model",
     "rnn_spec",
     "vgg_spec",
     "widths_of",
