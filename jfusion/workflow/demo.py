@@ -8,7 +8,10 @@ fusion time are tabulated next to the parents and their prediction ensemble. Wit
 alignment, averaging independently initialised networks mixes unrelated neurons; OT fusion
 matches them first (Singh & Jaggi 2020).
 
-Run it with ``python -m jfusion.workflow.demo``.
+Rows are printed as they finish and progress goes to stderr; ``out=DIR`` (``jfusion demo
+--out DIR``) also writes ``DIR/demo.json`` and ``DIR/demo.png`` (:mod:`jfusion.workflow.results`).
+
+Run it with ``jfusion demo`` or ``python -m jfusion.workflow.demo``.
 """
 
 from __future__ import annotations
@@ -242,7 +245,7 @@ def run_demo(
             bar.status(f"{name}: evaluating")
             rows.append(scored(name, fused, first, warm, kind="baseline" if name in BASELINES else "fused"))
             bar.result(format_row(rows[-1], width), print_fn)
-            bar.step(f"{name} done")
+            bar.step()
 
     say(
         "\nfirst call: jax.jit(method) traced, compiled and run; warm: the compiled fusion "
