@@ -18,7 +18,9 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
   hand (one layer at a time with :mod:`jfusion.layers`: ``layers.dense``, ``layers.conv``,
   ``layers.batch_norm``...), checked with :func:`check_spec`; :func:`permute` plants random
   permutations.
-  K models: :func:`stack_models`, :func:`unstack_models`.
+  K models: :func:`stack_models`, :func:`unstack_models`, :func:`take_model`.
+* Fused pytrees of other widths (partial fusion, pruning, barycenters): :func:`widths_of`
+  reads their widths, :func:`module_for` builds the module that applies them.
 """
 
 from jfusion import layers
@@ -37,6 +39,8 @@ from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.methods.fuse import Fusion, fuse, fuse_with
 from jfusion.methods.partial import PartialFusion, partial_fuse
 from jfusion.methods.prune import prune
+from jfusion.models.widths import module_for, widths_of
+from jfusion.pytrees import take_model
 from jfusion.trace import TraceError, trace_spec
 
 __all__ = [
@@ -70,12 +74,15 @@ __all__ = [
     "fuse_with",
     "layers",
     "loss_barrier",
+    "module_for",
     "partial_fuse",
     "permute",
     "prune",
     "recalibrate_batch_stats",
     "stack_models",
+    "take_model",
     "trace_spec",
     "unstack_models",
     "vanilla_average",
+    "widths_of",
 ]

@@ -3,6 +3,7 @@ the demo prints its table, and bad inputs end in one line on stderr with exit co
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from jfusion.workflow.checkpoint import load_checkpoint, save_checkpoint
 from jfusion.workflow.cli import main, split_indices
 from jfusion.workflow.data import batches, load_dataset
 from jfusion.models import MLP, describe, from_metadata
+from jfusion.workflow.results import has_matplotlib as jfusion_has_matplotlib
 from jfusion.workflow.train import evaluate
 
 pytestmark = pytest.mark.slow  # end to end: trains models
@@ -110,11 +112,31 @@ def test_train_then_fuse_by_activations_and_evaluate(parents, tmp_path, capsys):
     accuracy = evaluate(module, fused, data.test_images, data.test_labels)
     assert metadata["fusion"]["test_accuracy"] == accuracy
     assert metadata["fusion"]["alignment"] == "activations" and metadata["fusion"]["samples"] == 100
-    assert len(table) == 5  # header, three parents, the fused model
+    assert len(table) == 7  # header, three parents, the ensemble, vanilla averaging, the fused model
     for path, line in zip(paths, table[1:4]):
         parent = load_checkpoint(path)[2]["training"]["test_accuracy"]
         assert line.startswith(str(path)) and f"{100 * parent:.2f}%" in line
-    assert table[4].startswith(str(out)) and f"{100 * accuracy:.2f}%" in table[4]
+    variables = [load_checkpoint(p)[0] for p in paths]
+    ensemble = jfusion.ensemble_apply(module.apply, variables, data.test_images)
+    ensemble_accuracy = float(np.mean(np.argmax(np.asarray(ensemble), -1) == data.test_labels))
+    vanilla = evaluate(module, jfusion.vanilla_average(variables).params, data.test_images, data.test_labels)
+    assert table[4].startswith("ensemble (logits)") and f"{100 * ensemble_accuracy:.2f}%" in table[4]
+    assert table[5].startswith("vanilla average") and f"{100 * vanilla:.2f}%" in table[5]
+    assert table[6].startswith(str(out)) and f"{100 * accuracy:.2f}%" in table[6]
+    assert metadata["fusion"]["baselines_test_accuracy"] == {"ensemble (logits)": ensemble_accuracy, "vanilla average": vanilla}
+    # Every number printed is in the results beside the checkpoint, with the settings and versions.
+    written = json.loads((tmp_path / "fused.results.json").read_text())
+    assert [row["test_accuracy"] for row in written["rows"]] == [
+        *metadata["fusion"]["parents_test_accuracy"], ensemble_accuracy, vanilla, accuracy
+    ]
+    assert written["settings"]["alignment"] == "activations" and written["settings"]["samples"] == 100
+    assert {"python", "jax", "flax", "ott-jax", "jfusion"} <= set(written["versions"])
+    if jfusion_has_matplotlib():
+        assert (tmp_path / "fused.results.png").read_bytes().startswith(b"\x89PNG")
+    # A second run refuses to replace them, and replaces them (only them) with --overwrite.
+    argv = fuse_command(paths, out, "--alignment", "activations", "--samples", "100", "--evaluate")
+    assert main(argv) == 2
+    assert main([*argv, "--overwrite"]) == 0
 
 
 def test_train_and_fuse_recurrent_models_with_two_sweeps(tmp_path):
@@ -230,3 +252,55 @@ def test_fuse_with_a_traced_spec_writes_the_registry_specs_fusion(parents, tmp_p
     assert traced_spec.groups == ("Dense_0", "Dense_1") and hand_spec.groups == ("h0", "h1")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), hand, traced)
     assert main(fuse_command(paths, tmp_path / "both", "--trace-spec", "--spec", "mlp")) == 2
+
+
+def test_your_own_linen_model_trains_fuses_by_activations_and_evaluates(tmp_path, capsys):
+    # user_models:tiny is a linen module with no spec() and no sown activations: the spec is
+    # traced when training, and activation alignment reads its writer modules' outputs.
+    runs = tmp_path / "runs"
+    train = ["train", "--model", "user_models:tiny", "--data", "digits", "--seeds", "0", "1", "--epochs", "2",
+             "--batch-size", "32", "--out", str(runs)]
+    assert main(train) == 0
+    paths = [runs / "model_0", runs / "model_1"]
+    variables, spec, metadata = load_checkpoint(paths[0])
+    assert metadata["model"] == "user_models:tiny" and metadata["kwargs"] == {"num_classes": 10}
+    assert spec.groups == ("hidden",)  # traced: the group is named after its module
+    out = tmp_path / "fused"
+    capsys.readouterr()
+    assert main(fuse_command(paths, out, "--evaluate", "--alignment", "activations", "--samples", "100")) == 0
+    table = capsys.readouterr().out.splitlines()
+    fused, fused_spec, fused_metadata = load_checkpoint(out)
+    assert fused_metadata["model"] == "user_models:tiny" and fused_spec == spec
+    import user_models
+
+    module = user_models.tiny()
+    data = load_dataset("digits")
+    inputs = next(batches(data.train_images, data.train_labels, 100, seed=0))[0]
+    alignment = jfusion.ByActivations.from_module(module, points=spec)
+    expected = jfusion.fuse([load_checkpoint(p)[0] for p in paths], spec, alignment=alignment, inputs=inputs).params
+    assert_trees_equal(fused, expected)
+    accuracy = evaluate(module, fused, data.test_images, data.test_labels)
+    assert table[-1].startswith(str(out)) and f"{100 * accuracy:.2f}%" in table[-1]
+    assert [line.split()[0] for line in table[3:5]] == ["ensemble", "vanilla"]
+    assert json.loads((tmp_path / "fused.results.json").read_text())["rows"][-1]["test_accuracy"] == accuracy
+
+
+def test_your_own_nnx_model_trains_fuses_and_recalibrates(tmp_path):
+    # An nnx factory taking rngs, with BatchNorm: the checkpoint holds the State's pure dict.
+    runs = tmp_path / "runs"
+    train = ["train", "--model", "user_models:TinyNnx", "--data", "digits", "--seeds", "0", "1", "--epochs", "1",
+             "--batch-size", "64", "--out", str(runs)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(train) == 0
+    paths = [runs / "model_0", runs / "model_1"]
+    variables, spec, metadata = load_checkpoint(paths[0])
+    assert set(variables) == {"hidden", "norm", "readout"} and "mean" in variables["norm"]
+    out = tmp_path / "fused"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(fuse_command(paths, out, "--alignment", "activations", "--recalibrate", "2", "--evaluate")) == 0
+    fused, _, fused_metadata = load_checkpoint(out)
+    parent_mean = variables["norm"]["mean"]
+    assert fused["norm"]["mean"].shape == parent_mean.shape
+    assert not np.allclose(fused["norm"]["mean"], parent_mean)  # recomputed on the data
+    assert fused_metadata["fusion"]["recalibrate_batches"] == 2
+    assert 0 <= fused_metadata["fusion"]["test_accuracy"] <= 1

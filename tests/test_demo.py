@@ -1,9 +1,12 @@
 """The digits demo: trains, fuses with every method, and prints one table."""
 
+import json
+
 import jax
 import pytest
 
 from jfusion.workflow.demo import FUSION_METHODS, DemoRow, format_table, run_demo
+from jfusion.workflow.results import has_matplotlib
 
 pytestmark = pytest.mark.slow  # end to end: trains models
 
@@ -44,3 +47,30 @@ def test_table_columns_line_up():
     assert len({len(line) for line in lines}) == 1  # every line the same width
     assert "98.77%" in lines[-1] and "12345" in lines[-1] and "1500.0" in lines[-1] and "2.1" in lines[-1] and "12000" in lines[-1]
     assert lines[2].rstrip().endswith("-")
+
+
+def test_demo_prints_each_row_when_it_is_done_and_saves_the_results(tmp_path):
+    printed = []
+
+    def recording(name):
+        # A method that records how much of the table was printed when it ran.
+        def method(module, models, spec, inputs):
+            seen[name] = len(printed)
+            return jax.tree.map(lambda a: a[0], models)
+
+        return name, method
+
+    seen = {}
+    methods = (recording("first"), recording("second"))
+    rows = run_demo(num_models=2, epochs=1, methods=methods, print_fn=printed.append, out=tmp_path)
+    # intro, header, 2 parents, ensemble: printed before any fusion; each row before the next method.
+    assert seen["first"] == 5 and seen["second"] == 6
+    assert printed[5].startswith("first") and printed[6].startswith("second")
+    written = json.loads((tmp_path / "demo.json").read_text())
+    assert [row["name"] for row in written["rows"]] == [row.name for row in rows]
+    assert [row["accuracy"] for row in written["rows"]] == [row.accuracy for row in rows]
+    assert written["settings"]["epochs"] == 1 and written["settings"]["methods"] == ["first", "second"]
+    assert {"python", "jax", "flax", "ott-jax", "jfusion"} <= set(written["versions"])
+    assert (tmp_path / "demo.png").exists() == has_matplotlib()
+    with pytest.raises(FileExistsError, match="already exists"):  # refused before training
+        run_demo(num_models=2, epochs=1, methods=methods, print_fn=None, out=tmp_path)

@@ -1,4 +1,5 @@
-"""Reference Flax models, the builders of their Specs, and a registry of them by name."""
+"""Reference Flax models, the builders of their Specs, a registry of them by name (and of yours by
+``package.module:Factory``), and the module that fits a pytree of other widths."""
 
 from jfusion.models.cnn import CNN, cnn_spec
 from jfusion.models.mlp import MLP, mlp_spec
@@ -9,10 +10,12 @@ from jfusion.models.registry import (
     describe,
     from_metadata,
     model_arguments,
+    resolve_model,
 )
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
 from jfusion.models.rnn import RecurrentClassifier, rnn_spec
 from jfusion.models.vgg import VGG, VGG11, vgg_spec
+from jfusion.models.widths import module_for, widths_of
 
 __all__ = [
     "BasicBlock",
@@ -32,7 +35,10 @@ __all__ = [
     "from_metadata",
     "mlp_spec",
     "model_arguments",
+    "module_for",
     "resnet_spec",
+    "resolve_model",
     "rnn_spec",
     "vgg_spec",
+    "widths_of",
 ]

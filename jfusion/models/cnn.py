@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,7 @@ import jax
 from jfusion.core.spec import Spec, conv, dense
 from jfusion.models.mlp import _prefixed
 from jfusion.models.sow import record_activations
+from jfusion.models.widths import check_groups
 
 
 class CNN(nn.Module):
@@ -49,6 +50,17 @@ class CNN(nn.Module):
         shrink = 2 ** len(self.conv_features)
         positions = (hw[0] // shrink) * (hw[1] // shrink)
         return cnn_spec(len(self.conv_features), len(self.dense_features), positions)
+
+    def with_widths(self, widths: Mapping[str, int]) -> "CNN":
+        """This CNN with conv i ``widths[f"c{i}"]`` and hidden dense j ``widths[f"f{j}"]``
+        wide (groups not named keep their width; the logits stay)."""
+        convs = {f"c{i}": w for i, w in enumerate(self.conv_features)}
+        dense = {f"f{j}": w for j, w in enumerate(self.dense_features[:-1])}
+        check_groups(widths, {**convs, **dense}, "this CNN")
+        return self.clone(
+            conv_features=tuple(int(widths.get(g, w)) for g, w in convs.items()),
+            dense_features=(*(int(widths.get(g, w)) for g, w in dense.items()), self.dense_features[-1]),
+        )
 
 
     @nn.compact

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 
 from jfusion.core.spec import Spec, dense
 from jfusion.models.sow import record_activations
+from jfusion.models.widths import check_groups
 
 
 class MLP(nn.Module):
@@ -25,6 +26,13 @@ class MLP(nn.Module):
         """This model's Spec (see :func:`mlp_spec`)."""
         return mlp_spec(len(self.features), bias=self.use_bias)
 
+    def with_widths(self, widths: Mapping[str, int]) -> "MLP":
+        """This MLP with hidden layer i ``widths[f"h{i}"]`` wide (groups not named keep
+        their width; the logits stay): the module of a fused pytree of other widths."""
+        groups = {f"h{i}": f for i, f in enumerate(self.features[:-1])}
+        check_groups(widths, groups, "this MLP")
+        hidden = tuple(int(widths.get(g, f)) for g, f in groups.items())
+        return self.clone(features=(*hidden, self.features[-1]))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

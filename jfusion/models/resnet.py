@@ -20,7 +20,7 @@ group of its own, ``"stem"``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jfusion.core.spec import Spec, batch_norm, conv, dense
 from jfusion.models.sow import record_activations
+from jfusion.models.widths import check_groups
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
@@ -101,6 +102,33 @@ class ResNet(nn.Module):
     def spec(self) -> Spec:
         """This model's Spec (see :func:`resnet_spec`)."""
         return resnet_spec(self.stage_sizes, self.stage_widths, stem_width=self.stem_width)
+
+    def with_widths(self, widths: Mapping[str, int]) -> "ResNet":
+        """This ResNet with stage s ``widths[f"s{s}"]`` wide (and the stem ``widths["stem"]``
+        when it has a group of its own); groups not named keep their width.
+
+        A ResNet has one width per stage, so every block's inner group ``s{s}.b{b}`` must
+        be as wide as its stage (as after :func:`jfusion.partial_fuse` with one alpha for
+        all groups); otherwise this raises ValueError naming the block.
+        """
+        stem_group = _stem_group(self.stage_sizes, self.stage_widths, self.stem_width)
+        stages = {_stream_group(s): w for s, w in enumerate(self.stage_widths)}
+        inner = {_inner_group(s, b): w for s, (n, w) in enumerate(zip(self.stage_sizes, self.stage_widths)) for b in range(n)}
+        known = {**stages, **inner, **({"stem": self.stem_width or self.stage_widths[0]} if stem_group == "stem" else {})}
+        check_groups(widths, known, "this ResNet")
+        new_stages = tuple(int(widths.get(g, w)) for g, w in stages.items())
+        for group in inner:
+            stage = int(group.split(".")[0][1:])
+            if group in widths and int(widths[group]) != new_stages[stage]:
+                raise ValueError(
+                    f"group {group!r} is {widths[group]} wide but its stage {_stream_group(stage)!r} is "
+                    f"{new_stages[stage]}: this ResNet has one width per stage"
+                )
+        if stem_group == "stem":
+            stem = int(widths.get("stem", self.stem_width))
+        else:  # the stem writes stage 0's stream: its width is the stage's
+            stem = None if self.stem_width is None else new_stages[0]
+        return self.clone(stage_widths=new_stages, stem_width=stem)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -11,7 +11,7 @@ on the input-to-hidden weights (the recurrent kernel reads the group being solve
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,7 @@ import jax
 from jfusion.core.spec import Spec, bias, dense
 from jfusion.models.mlp import _prefixed
 from jfusion.models.sow import record_activations
+from jfusion.models.widths import check_groups
 
 CellKind = Literal["simple", "lstm", "gru"]
 CELL_KINDS: tuple[str, ...] = ("simple", "lstm", "gru")
@@ -54,6 +55,13 @@ class RecurrentClassifier(nn.Module):
     def spec(self) -> Spec:
         """This model's Spec (see :func:`rnn_spec`)."""
         return rnn_spec(self.cell, len(self.hidden))
+
+    def with_widths(self, widths: Mapping[str, int]) -> "RecurrentClassifier":
+        """This classifier with recurrent layer i ``widths[f"r{i}"]`` wide (groups not
+        named keep their width)."""
+        groups = {f"r{i}": w for i, w in enumerate(self.hidden)}
+        check_groups(widths, groups, "this RecurrentClassifier")
+        return self.clone(hidden=tuple(int(widths.get(g, w)) for g, w in groups.items()))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

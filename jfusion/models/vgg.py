@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jfusion.core.spec import Spec, conv, dense
 from jfusion.core.spec import batch_norm as norm
 from jfusion.models.sow import record_activations
+from jfusion.models.widths import check_groups
 
 Layer = Union[int, str]
 
@@ -56,6 +57,15 @@ class VGG(nn.Module):
     def spec(self) -> Spec:
         """This model's Spec (see :func:`vgg_spec`)."""
         return vgg_spec(self.features, batch_norm=self.batch_norm, use_bias=self.use_bias)
+
+    def with_widths(self, widths: Mapping[str, int]) -> "VGG":
+        """This VGG with conv i ``widths[f"c{i}"]`` wide (groups not named keep their
+        width): the conv widths become absolute and ``width`` 1."""
+        convs = [_scaled(layer, self.width) for layer in self.features if layer != "M"]
+        groups = {f"c{i}": w for i, w in enumerate(convs)}
+        check_groups(widths, groups, "this VGG")
+        new = iter(int(widths.get(g, w)) for g, w in groups.items())
+        return self.clone(features=tuple("M" if layer == "M" else next(new) for layer in self.features), width=1.0)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -395,6 +395,12 @@ def _count_correct(adapter, variables, images, labels, mask) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _logits(adapter, variables, images):
+    params, rest = adapter.split(variables)
+    return jax.lax.map(lambda x: adapter.apply(params, rest, x, train=False)[0], images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _correct_one(adapter, variables, images, labels, mask):
     return _count_correct(adapter, variables, images, labels, mask)
 
@@ -434,6 +440,16 @@ def evaluate(model: Model, variables: Any, images: Any, labels: Any, *, batch_si
     """
     x, y, mask = _batched(images, labels, batch_size)
     return float(_correct_one(_adapter(model), variables, x, y, mask)) / float(mask.sum())
+
+
+def predict(model: Model, variables: Any, images: Any, *, batch_size: int = 1000) -> np.ndarray:
+    """One model's outputs (logits) on ``images`` (BatchNorm in inference mode), in batches.
+
+    ``model`` and ``variables`` as for :func:`evaluate`; returns a numpy array, one row per image.
+    """
+    x, _, mask = _batched(images, np.zeros(len(images), np.int32), batch_size)
+    logits = np.asarray(_logits(_adapter(model), variables, x))
+    return logits.reshape(-1, *logits.shape[2:])[: int(mask.sum())]
 
 
 def evaluate_models(
