@@ -12,7 +12,7 @@ on MNIST --, ``mlp``, ``cnn``, ``vgg11``, ``vgg11_bn``, ``resnet18``, ``resnet20
 see :data:`MODELS`) or a reference to your own code, ``"package.module:Factory"``: an
 importable callable (a function, or a module class with defaults for every field) that
 returns a ``flax.linen`` Module, or an ``nnx.Module`` when it takes ``rngs``.
-:func:`resolve_model` turns either into the callable, and every function here goes through
+:func:`jfusion.models.resolve_model` turns either into the callable, and every function here goes through
 it. For your own models only the arguments you give are recorded (the factory's defaults
 are its own business), and they must be JSON.
 
@@ -106,9 +106,9 @@ def is_reference(name: str) -> bool:
 def resolve_model(name: str) -> Callable[..., Any]:
     """The callable that builds model ``name``: a registry builder, or the imported factory.
 
-    ``name`` is one of :data:`MODELS` or ``"package.module:Factory"`` (``Factory`` may be a
+    ``name`` is one of :data:`jfusion.models.registry.MODELS` or ``"package.module:Factory"`` (``Factory`` may be a
     dotted path inside the module, ``"pkg.mod:Zoo.small"``). The module is imported with
-    :func:`importlib.import_module`, so it must be on ``sys.path`` (the ``jfusion`` command
+    ``importlib.import_module``, so it must be on ``sys.path`` (the ``jfusion`` command
     also looks in the current directory).
 
     Raises:
@@ -220,7 +220,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module | nnx.Module:
     has ``rngs``.
 
     Raises:
-      ModelConfigError: see :func:`resolve_model`; arguments the model does not take; a
+      ModelConfigError: see :func:`jfusion.models.resolve_model`; arguments the model does not take; a
         factory that raises (its exception is named) or returns something that is not a
         ``flax.linen.Module`` or ``nnx.Module`` instance.
     """
