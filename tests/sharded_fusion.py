@@ -10,14 +10,15 @@ fusion program it compiles, so the collectives checked are those of the programs
 import os
 import tempfile
 
-DUMP = tempfile.mkdtemp(prefix="jfusion-hlo-")
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""),
-    "--xla_force_host_platform_device_count=8",
-    f"--xla_dump_to={DUMP}",
-    "--xla_dump_hlo_as_text",
-    "--xla_dump_hlo_module_re=fusion_program|outer_jit",
-])
+if __name__ == "__main__":  # (tests/multihost_fusion.py imports the planted problem only)
+    DUMP = tempfile.mkdtemp(prefix="jfusion-hlo-")
+    os.environ["XLA_FLAGS"] = " ".join([
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=8",
+        f"--xla_dump_to={DUMP}",
+        "--xla_dump_hlo_as_text",
+        "--xla_dump_hlo_module_re=fusion_program|outer_jit",
+    ])
 
 import json  # noqa: E402
 import re  # noqa: E402

@@ -3,11 +3,14 @@
 The test process has one device, so ``tests/sharded_fusion.py`` runs in a subprocess that asks
 XLA for 8 host devices before importing jax; it fuses K = 8 models -- one MLP and 7 random
 permutations of its neurons, stacked and put on a 1-D mesh with ``PartitionSpec('k')`` -- with
-Sinkhorn and the Hungarian, and reports what is checked here as one JSON line.
+Sinkhorn and the Hungarian, and reports what is checked here as one JSON line. A slow test runs
+``tests/multihost_fusion.py`` as two processes joined by ``jax.distributed.initialize``, the
+models sharded over both processes' devices.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +89,32 @@ def test_the_check_catches_gathering_under_an_outer_jit(report):
     ops = {op for op, _ in outer["collectives"]}
     assert ops - {"all-reduce"}, ops
     assert max(prod(shape) for _, shapes in outer["collectives"] for shape in shapes) > LARGEST_LEAF
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two processes, each compiling three fusions
+def test_two_processes_fuse_models_sharded_over_both():
+    """``tests/multihost_fusion.py`` twice, joined by ``jax.distributed.initialize``: 4 devices each."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    port = free_port()
+    script = str(ROOT / "tests" / "multihost_fusion.py")
+    processes = [
+        subprocess.Popen([sys.executable, script, str(i), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    for p, (_, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    for stdout, _ in outputs:
+        report = json.loads(next(line for line in stdout.splitlines() if line.startswith("REPORT ")).removeprefix("REPORT "))
+        assert report["devices"] == [K, K // 2]
+        for solver in ("sinkhorn", "hungarian"):
+            assert report[solver]["replicated"] and report[solver]["vs_truth"] <= 1e-6
+        assert [w.split()[1] for w in report["warnings"]] == ["'h0':", "'h1':"]
+        assert all("models [1, 2, 3, 4, 5, 6, 7]" in w for w in report["warnings"])

@@ -29,6 +29,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jfusion.core.combine import combine, model_weights, slot_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
@@ -143,7 +144,7 @@ def _check_finite(leaves: Mapping[str, Any], what: str, model_axis: bool = False
         finite = np.asarray(_finite_flags(list(checked.values())))
     for (path, x), ok in zip(checked.items(), finite):
         if not ok:
-            index = np.argwhere(~np.isfinite(np.asarray(x)))[0].tolist()
+            index = np.argwhere(~np.isfinite(_host_value(x)))[0].tolist()
             name = f"model {index.pop(0)}" if model_axis else what
             raise FusionInputError(
                 f"{name}: leaf {path} has NaN or Inf values (first at index {index}); "
@@ -517,6 +518,22 @@ def align(
     return Alignment(unflatten(problem.config.reference_treedef, {p: out.aligned[p] for p, _ in problem.config.dtypes}), out.plans)
 
 
+@jax.jit
+def _finite_rows(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+
+
+def _host_value(x: Any) -> np.ndarray:
+    """A concrete array's value on the host.
+
+    An array spanning other processes' devices (models sharded on K in a multi-host run) is
+    gathered to every process first: used for the K per-model flags and counts only.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def warn_unconverged(plans: Mapping[str, OTResult]) -> None:
     """Warn (eagerly; a no-op under tracing) about every plan whose solver did not converge.
 
@@ -525,13 +542,16 @@ def warn_unconverged(plans: Mapping[str, OTResult]) -> None:
     for group, result in plans.items():
         if not (_is_concrete(result.converged) and _is_concrete(result.iterations)):
             continue
-        flags = np.atleast_1d(np.asarray(result.converged))
+        flags = np.atleast_1d(_host_value(result.converged))
         if flags.all():
             continue
-        iters = np.atleast_1d(np.asarray(result.iterations))
+        iters = np.atleast_1d(_host_value(result.iterations))
         bad = np.flatnonzero(~flags).tolist()
-        plan_list = result.plan if isinstance(result.plan, tuple) else list(result.plan)
-        non_finite = [k for k in bad if _is_concrete(plan_list[k]) and not np.isfinite(np.asarray(plan_list[k])).all()]
+        if isinstance(result.plan, tuple):
+            finite = [not _is_concrete(p) or bool(np.isfinite(np.asarray(p)).all()) for p in result.plan]
+        else:
+            finite = _host_value(_finite_rows(result.plan)) if _is_concrete(result.plan) else [True] * len(flags)
+        non_finite = [k for k in bad if not finite[k]]
         exact = [k for k in bad if k not in non_finite and int(iters[k]) == 0]
         if non_finite:
             advice = (
