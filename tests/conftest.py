@@ -1,5 +1,7 @@
 """Test-wide JAX settings."""
 
+import os
+
 import jax
 import pytest
 
@@ -7,6 +9,11 @@ import pytest
 # TF32 (a 10-bit mantissa, relative error ~1e-3), which would make two applications of the same
 # function differ by more than that; jfusion's own contractions already ask for HIGHEST.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The command line turns on JAX's persistent compilation cache in the user's cache directory;
+# the tests that call its main() in this process must neither write there nor change this
+# process's JAX configuration (tests/test_compile_cache.py checks the cache in subprocesses).
+os.environ["JFUSION_NO_COMPILE_CACHE"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="module")

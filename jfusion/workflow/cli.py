@@ -10,6 +10,11 @@ A checkpoint written by ``train`` holds the model's variables, its Spec and meta
 the model (:func:`jfusion.models.describe`) and the data, so ``fuse`` needs nothing else to
 rebuild the module (activation alignment, BatchNorm recalibration, evaluation).
 
+Every command turns on JAX's persistent compilation cache in ``$XDG_CACHE_HOME/jfusion/xla``
+(``~/.cache/jfusion/xla``), so a second run of the same fusion does not compile it again;
+``--no-compile-cache`` or ``JFUSION_NO_COMPILE_CACHE=1`` turns it off
+(:func:`jfusion.workflow.compile_cache.enable_compile_cache`).
+
 Progress goes to stderr and results to stdout, so ``jfusion ... > results.txt`` keeps only
 the results. Bad inputs (a missing checkpoint, an unknown name, models that cannot be fused)
 end the command with one line on stderr and exit code 2, not a traceback.
@@ -39,6 +44,7 @@ from jfusion.workflow.data import (
     proportion_split,
     special_class_split,
 )
+from jfusion.workflow.compile_cache import enable_compile_cache
 from jfusion.workflow.demo import run_demo
 from jfusion.core.errors import JFusionError
 from jfusion.evaluate import TrainApply, recalibrate_batch_stats
@@ -397,11 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fuse trained neural networks with optimal transport (OTFusion, Singh & Jaggi 2020).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--no-compile-cache", action="store_true",
+        help="do not use JAX's persistent compilation cache in $XDG_CACHE_HOME/jfusion/xla "
+        "(or ~/.cache/jfusion/xla); JFUSION_NO_COMPILE_CACHE=1 does the same",
+    )
     models = ", ".join(MODELS)
     default = " (default: %(default)s)"
 
     demo = commands.add_parser(
         "demo",
+        parents=[common],
         help="train MLPs on digits, fuse them, print a table",
         description="Train MLPs on scikit-learn's digits from different seeds, fuse them with every "
         "method, and print their test accuracies and fusion times (jfusion.demo.run_demo).",
@@ -415,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
+        parents=[common],
         help="train K reference models at once, one checkpoint each",
         description="Train one model per seed, all at once, and write DIR/model_0, DIR/model_1, ...",
     )
@@ -442,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fusion = commands.add_parser(
         "fuse",
+        parents=[common],
         help="fuse checkpoints into one",
         description="Fuse the models of CKPT_DIR... by optimal-transport alignment and weighted averaging.",
     )
@@ -492,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # --help (0), or a malformed command line (2; argparse said why)
         return int(exit.code or 0)
+    enable_compile_cache(not args.no_compile_cache)
     try:
         args.run(args)
     except (OSError, ValueError) as err:  # JFusionError is a ValueError, as are jfusion's other input errors

@@ -188,4 +188,7 @@ def run_demo(
 
 
 if __name__ == "__main__":
+    from jfusion.workflow.compile_cache import enable_compile_cache
+
+    enable_compile_cache()  # off with JFUSION_NO_COMPILE_CACHE=1
     run_demo()
