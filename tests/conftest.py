@@ -19,6 +19,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # the PRNG implementation (it only passes the keys it is given to jax.random).
 jax.config.update("jax_default_prng_impl", "rbg")
 
+# The command line turns on JAX's persistent compilation cache in the user's cache directory;
+# the tests that call its main() in this process must neither write there nor change this
+# process's JAX configuration (tests/test_compile_cache.py checks the cache in subprocesses).
+os.environ["JFUSION_NO_COMPILE_CACHE"] = "1"
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():

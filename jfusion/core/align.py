@@ -10,8 +10,9 @@ its plans and the K aligned models are combined slot by slot.
 The *reference* is the model aligned onto (``target=k``), or a pytree of another
 architecture (``target=params``: fusing into other widths; barycenter fusion's estimate).
 Models of equal widths are stacked on a leading K axis and aligned under one ``vmap`` (the
-reference model is left out: its plans are the producer's own); models of other widths are
-unrolled in the same program. Either way the aligned models come out stacked on K (they have
+reference model is left out: its plans are the producer's own; when the K axis is sharded
+over devices it stays in, its row replaced afterwards, so that K stays sharded); models of
+other widths are unrolled in the same program. Either way the aligned models come out stacked on K (they have
 the fused model's shapes), so combine has one input form. Everything static -- the Spec, the
 producer, the alignment, every model's widths -- is validated once in :func:`prepare` and
 passed to ``jit`` as one hashable :class:`EngineConfig`.
@@ -28,6 +29,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jfusion.core.combine import combine, model_weights, slot_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
@@ -62,6 +64,9 @@ class EngineConfig:
       dtypes: the fused leaves' dtypes (the reference's), in the reference's leaf order.
       treedef: the models' tree structure; reference_treedef: the reference's.
       vectorized: the models are stacked on a leading K axis and aligned under ``vmap``.
+      split_models: their K axis is split over devices (a sharded ``jax.Array``): the
+        reference is aligned under the same ``vmap`` too, so K stays sharded (see
+        :func:`align_models`).
     """
 
     spec: Spec
@@ -74,6 +79,7 @@ class EngineConfig:
     treedef: Any
     reference_treedef: Any
     vectorized: bool
+    split_models: bool = False
 
     @property
     def num_models(self) -> int:
@@ -138,12 +144,25 @@ def _check_finite(leaves: Mapping[str, Any], what: str, model_axis: bool = False
         finite = np.asarray(_finite_flags(list(checked.values())))
     for (path, x), ok in zip(checked.items(), finite):
         if not ok:
-            index = np.argwhere(~np.isfinite(np.asarray(x)))[0].tolist()
+            index = np.argwhere(~np.isfinite(_host_value(x)))[0].tolist()
             name = f"model {index.pop(0)}" if model_axis else what
             raise FusionInputError(
                 f"{name}: leaf {path} has NaN or Inf values (first at index {index}); "
                 f"fusion would spread them to every neuron they are averaged into"
             )
+
+
+def _split_over_devices(stacked: Mapping[str, Any]) -> bool:
+    """Whether a stacked leaf's K axis is split over devices (its sharding's shards are shorter).
+
+    Read from a concrete ``jax.Array``'s sharding, or a traced value's explicit one (a tracer
+    under ``jit`` with automatic sharding carries none).
+    """
+    for x in stacked.values():
+        sharding = getattr(x, "sharding", None) if _is_concrete(x) else jax.typeof(x).sharding
+        if sharding is not None and sharding.shard_shape(np.shape(x))[0] < np.shape(x)[0]:
+            return True
+    return False
 
 
 def check_target(target: Any, num: int) -> int | None:
@@ -257,6 +276,7 @@ def prepare(
         treedef=models.treedef,
         reference_treedef=reference_treedef,
         vectorized=models.stacked is not None,
+        split_models=models.stacked is not None and _split_over_devices(models.stacked),
     )
     arrays = models.stacked if models.stacked is not None else tuple(models.models)
     return Problem(config, arrays, reference_leaves, inputs)
@@ -330,6 +350,13 @@ def _take(tree, index):
     return jax.tree.map(lambda x: x[index], tree)
 
 
+def _select(mine: jax.Array, one: jax.Array, stacked: jax.Array) -> jax.Array:
+    """``stacked`` (K, ...) with row ``k`` replaced by ``one`` where ``mine[k]``."""
+    dtype = jnp.promote_types(one.dtype, stacked.dtype)
+    mine = mine.reshape(mine.shape + (1,) * (stacked.ndim - 1))
+    return jnp.where(mine, one.astype(dtype), stacked.astype(dtype))
+
+
 def align_models(config: EngineConfig, models, reference_leaves, inputs) -> EngineOutput:
     """The traced engine (see the module docstring); pure, called inside ``jit``."""
     by_activations = isinstance(config.alignment, ByActivations)
@@ -349,6 +376,23 @@ def align_models(config: EngineConfig, models, reference_leaves, inputs) -> Engi
     ref_aligned, ref_results, ref_supports = _reference_pass(config, ref_leaves, ref_acts)
     others = [k for k in range(num) if k != r]
 
+    if config.vectorized and others and config.split_models:
+        # Models sharded on K: every model, the reference too, under one vmap over the K axis
+        # as it was given, never sliced into the K - 1 others nor restacked from pieces (both
+        # move models between devices), so K stays sharded up to the combine. The
+        # reference's row is then replaced by its own plans (a select, local to its device).
+        # On one device this costs the reference's wasted alignment, hence the other path.
+        widths = dict(config.model_widths[0])
+        index = jnp.arange(num, dtype=jnp.int32)
+        aligned, results = jax.vmap(
+            lambda leaves, a, k: _model_pass(config, leaves, widths, a, ref_supports, k)
+        )(models, acts, index)
+        if r is not None:
+            mine = index == r
+            aligned = {p: _select(mine, ref_aligned[p], x) for p, x in aligned.items()}
+            results = {g: OTResult(*map(functools.partial(_select, mine), ref_results[g], res)) for g, res in results.items()}
+        received = {g: res.plan.sum(axis=1) for g, res in results.items()}
+        return EngineOutput(aligned, received, results, ref_leaves)
     if config.vectorized and others:
         widths = dict(config.model_widths[0])
         index = np.asarray(others, np.int32)
@@ -474,6 +518,22 @@ def align(
     return Alignment(unflatten(problem.config.reference_treedef, {p: out.aligned[p] for p, _ in problem.config.dtypes}), out.plans)
 
 
+@jax.jit
+def _finite_rows(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+
+
+def _host_value(x: Any) -> np.ndarray:
+    """A concrete array's value on the host.
+
+    An array spanning other processes' devices (models sharded on K in a multi-host run) is
+    gathered to every process first: used for the K per-model flags and counts only.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def warn_unconverged(plans: Mapping[str, OTResult]) -> None:
     """Warn (eagerly; a no-op under tracing) about every plan whose solver did not converge.
 
@@ -482,13 +542,16 @@ def warn_unconverged(plans: Mapping[str, OTResult]) -> None:
     for group, result in plans.items():
         if not (_is_concrete(result.converged) and _is_concrete(result.iterations)):
             continue
-        flags = np.atleast_1d(np.asarray(result.converged))
+        flags = np.atleast_1d(_host_value(result.converged))
         if flags.all():
             continue
-        iters = np.atleast_1d(np.asarray(result.iterations))
+        iters = np.atleast_1d(_host_value(result.iterations))
         bad = np.flatnonzero(~flags).tolist()
-        plan_list = result.plan if isinstance(result.plan, tuple) else list(result.plan)
-        non_finite = [k for k in bad if _is_concrete(plan_list[k]) and not np.isfinite(np.asarray(plan_list[k])).all()]
+        if isinstance(result.plan, tuple):
+            finite = [not _is_concrete(p) or bool(np.isfinite(np.asarray(p)).all()) for p in result.plan]
+        else:
+            finite = _host_value(_finite_rows(result.plan)) if _is_concrete(result.plan) else [True] * len(flags)
+        non_finite = [k for k in bad if not finite[k]]
         exact = [k for k in bad if k not in non_finite and int(iters[k]) == 0]
         if non_finite:
             advice = (

@@ -16,6 +16,11 @@ the data, so ``fuse`` needs nothing else to rebuild the module (activation align
 BatchNorm recalibration, evaluation). Rebuilding your model imports and calls your code:
 fuse only checkpoints you trust.
 
+Every command turns on JAX's persistent compilation cache in ``$XDG_CACHE_HOME/jfusion/xla``
+(``~/.cache/jfusion/xla``), so a second run of the same fusion does not compile it again;
+``--no-compile-cache`` or ``JFUSION_NO_COMPILE_CACHE=1`` turns it off
+(:func:`jfusion.workflow.compile_cache.enable_compile_cache`).
+
 Progress goes to stderr (bars when it is a terminal) and results to stdout, so
 ``jfusion ... > results.txt`` keeps only the results. Bad inputs (a missing checkpoint, an
 unknown name, an invalid number, models that cannot be fused) end the command with one line
@@ -59,6 +64,7 @@ from jfusion.workflow.data import (
     proportion_split,
     special_class_split,
 )
+from jfusion.workflow.compile_cache import enable_compile_cache
 from jfusion.workflow.demo import run_demo
 from jfusion.workflow.handle import ModelHandle, ensemble_accuracy
 from jfusion.workflow.progress import Progress, log
@@ -588,11 +594,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fuse trained neural networks with optimal transport (OTFusion, Singh & Jaggi 2020).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--no-compile-cache", action="store_true",
+        help="do not use JAX's persistent compilation cache in $XDG_CACHE_HOME/jfusion/xla "
+        "(or ~/.cache/jfusion/xla); JFUSION_NO_COMPILE_CACHE=1 does the same",
+    )
     models = ", ".join(MODELS)
     default = " (default: %(default)s)"
 
     demo = commands.add_parser(
         "demo",
+        parents=[common],
         help="train MLPs on digits, fuse them, print a table",
         description="Train MLPs on scikit-learn's digits from different seeds, fuse them with every "
         "method, and print their test accuracies and fusion times (jfusion.demo.run_demo).",
@@ -611,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
+        parents=[common],
         help="train K models at once, one checkpoint each",
         description="Train one model per seed, all at once, and write DIR/model_0, DIR/model_1, ...",
     )
@@ -638,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fusion = commands.add_parser(
         "fuse",
+        parents=[common],
         help="fuse checkpoints into one",
         description="Fuse the models of CKPT_DIR... by optimal-transport alignment and weighted averaging.",
     )
@@ -709,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit.code or 0)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the results record
     _current_directory_importable()
+    enable_compile_cache(not args.no_compile_cache)
     try:
         args.run(args)
     except (OSError, ValueError) as err:  # JFusionError is a ValueError, as are jfusion's other input errors

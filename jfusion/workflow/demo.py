@@ -277,4 +277,7 @@ def _write_results(paths, rows, overwrite, *, title, settings, train_s, say) -> 
 
 
 if __name__ == "__main__":
+    from jfusion.workflow.compile_cache import enable_compile_cache
+
+    enable_compile_cache()  # off with JFUSION_NO_COMPILE_CACHE=1
     run_demo()
