@@ -23,6 +23,8 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
   reads their widths, :func:`module_for` builds the module that applies them.
 """
 
+from importlib.metadata import PackageNotFoundError, version as _installed_version
+
 from jfusion import layers
 from jfusion.check import check_spec, permute
 from jfusion.core.align import Alignment, align
@@ -42,6 +44,11 @@ from jfusion.methods.prune import prune
 from jfusion.models.widths import module_for, widths_of
 from jfusion.pytrees import take_model
 from jfusion.trace import TraceError, trace_spec
+
+try:  # the version lives in pyproject.toml only
+    __version__ = _installed_version("jfusion")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Alignment",

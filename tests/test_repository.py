@@ -74,3 +74,14 @@ def test_the_readmes_batchnorm_spec_needs_every_one_of_its_lines():
             assert path in str(error) or path.endswith("kernel") and "no leaf reads it" in str(error), (path, error)
         else:
             raise AssertionError(f"the README's spec without {path} validated")
+
+
+def test_the_version_has_one_source_and_the_package_is_typed():
+    import tomllib
+
+    import jfusion
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert jfusion.__version__ == project["version"]  # read from the installed metadata
+    assert (Path(jfusion.__file__).parent / "py.typed").is_file()
+    assert "Typing :: Typed" in project["classifiers"]
