@@ -14,9 +14,12 @@ import jax
 
 OPT_OUT = "JFUSION_NO_COMPILE_CACHE"
 
-# Programs that compile faster than this are not written (JAX's default is 1 s): the fusion
-# programs and training steps take seconds, the eager ops around them milliseconds.
-MIN_COMPILE_TIME_S = 0.2
+# Every program is written, not only those that compiled for over a second (JAX's default):
+# a one-off command also compiles dozens of small eager ops (model initialisation, checks).
+# In benchmarks/results/bench_compile_cache_cpu.md, run back to back on 2 CPU cores, a warm
+# process took 0.7-2.4 s less with this than with a 0.2 s threshold, for 44-84 entries
+# (under 1 MiB) per fusion.
+MIN_COMPILE_TIME_S = 0.0
 
 
 def cache_directory() -> Path:
