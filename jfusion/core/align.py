@@ -357,6 +357,12 @@ def _select(mine: jax.Array, one: jax.Array, stacked: jax.Array) -> jax.Array:
     return jnp.where(mine, one.astype(dtype), stacked.astype(dtype))
 
 
+def _vmapped_passes(config: EngineConfig, models, acts, reference_supports, index: jax.Array):
+    """:func:`_model_pass` of the stacked models ``index`` (equal widths), under one ``vmap``."""
+    widths = dict(config.model_widths[0])
+    return jax.vmap(lambda leaves, a, k: _model_pass(config, leaves, widths, a, reference_supports, k))(models, acts, index)
+
+
 def align_models(config: EngineConfig, models, reference_leaves, inputs) -> EngineOutput:
     """The traced engine (see the module docstring); pure, called inside ``jit``."""
     by_activations = isinstance(config.alignment, ByActivations)
@@ -382,11 +388,8 @@ def align_models(config: EngineConfig, models, reference_leaves, inputs) -> Engi
         # move models between devices), so K stays sharded up to the combine. The
         # reference's row is then replaced by its own plans (a select, local to its device).
         # On one device this costs the reference's wasted alignment, hence the other path.
-        widths = dict(config.model_widths[0])
         index = jnp.arange(num, dtype=jnp.int32)
-        aligned, results = jax.vmap(
-            lambda leaves, a, k: _model_pass(config, leaves, widths, a, ref_supports, k)
-        )(models, acts, index)
+        aligned, results = _vmapped_passes(config, models, acts, ref_supports, index)
         if r is not None:
             mine = index == r
             aligned = {p: _select(mine, ref_aligned[p], x) for p, x in aligned.items()}
@@ -394,11 +397,10 @@ def align_models(config: EngineConfig, models, reference_leaves, inputs) -> Engi
         received = {g: res.plan.sum(axis=1) for g, res in results.items()}
         return EngineOutput(aligned, received, results, ref_leaves)
     if config.vectorized and others:
-        widths = dict(config.model_widths[0])
         index = np.asarray(others, np.int32)
-        aligned, results = jax.vmap(
-            lambda leaves, a, k: _model_pass(config, leaves, widths, a, ref_supports, k)
-        )(_take(models, index), None if acts is None else _take(acts, index), jnp.asarray(index))
+        aligned, results = _vmapped_passes(
+            config, _take(models, index), None if acts is None else _take(acts, index), ref_supports, jnp.asarray(index)
+        )
         per_model = [(_take(aligned, i), _take(results, i)) for i in range(len(others))]
     else:
         per_model = [
