@@ -27,7 +27,7 @@ import numpy as np
 import ot
 from scipy.optimize import linear_sum_assignment
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import jfusion
 from jfusion.core.solvers import _assign, _conditioned

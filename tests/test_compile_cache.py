@@ -41,7 +41,7 @@ def run_fuse(checkpoints, tmp_path, *flags, env=None):
     xdg = tmp_path / "xdg"
     environment = {k: v for k, v in os.environ.items() if k not in (OPT_OUT, "JAX_COMPILATION_CACHE_DIR")}
     environment.update(
-        XDG_CACHE_HOME=str(xdg), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})
+        XDG_CACHE_HOME=str(xdg), PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), **(env or {})
     )
     command = [sys.executable, "-m", "jfusion.workflow.cli", "fuse", *map(str, checkpoints), "--out", str(tmp_path / "fused"), *flags]
     done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)

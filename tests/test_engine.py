@@ -247,7 +247,7 @@ def test_prune_by_activations_uses_the_models_own_function_as_fuse_does():
 
 
 def test_the_core_imports_neither_methods_nor_workflow_nor_models():
-    for path in (ROOT / "jfusion" / "core").glob("*.py"):
+    for path in (ROOT / "src" / "jfusion" / "core").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jfusion"):
                 assert node.module.startswith("jfusion.core"), f"{path.name} imports {node.module}"

@@ -85,3 +85,17 @@ def test_the_version_has_one_source_and_the_package_is_typed():
     assert jfusion.__version__ == project["version"]  # read from the installed metadata
     assert (Path(jfusion.__file__).parent / "py.typed").is_file()
     assert "Typing :: Typed" in project["classifiers"]
+
+
+def test_a_clone_directory_named_jfusion_beside_a_script_does_not_shadow_the_package(tmp_path):
+    import subprocess
+    import sys
+
+    import jfusion
+
+    (tmp_path / "jfusion").mkdir()  # a clone's root: a directory with no __init__.py
+    (tmp_path / "jfusion" / "README.md").write_text("a clone\n")
+    script = tmp_path / "script.py"
+    script.write_text("import importlib.util\nprint(importlib.util.find_spec('jfusion').origin)\n")
+    found = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert found.stdout.strip() == jfusion.__file__

@@ -31,7 +31,7 @@ def prod(shape):
 
 @pytest.fixture(scope="module")
 def report():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "sharded_fusion.py")],
@@ -100,7 +100,7 @@ def free_port():
 @pytest.mark.slow  # two processes, each compiling three fusions
 def test_two_processes_fuse_models_sharded_over_both():
     """``tests/multihost_fusion.py`` twice, joined by ``jax.distributed.initialize``: 4 devices each."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
     port = free_port()
     script = str(ROOT / "tests" / "multihost_fusion.py")
