@@ -96,7 +96,7 @@ class Settings:
 def quick() -> Settings:
     return Settings(
         data=kit.quick_dataset(), holdout=300, mlp_features=(64, 32, 10), mlp_seeds=(0, 1), mlp_pairs=((0, 1),),
-        mlp_train=None, mlp_epochs=3, mlp_batch=32, mlp_test=1000, resnet_stages=(1, 1), resnet_seeds=(0, 1),
+        mlp_train=3000, mlp_epochs=3, mlp_batch=32, mlp_test=1000, resnet_stages=(1, 1), resnet_seeds=(0, 1),
         resnet_pairs=((0, 1),), resnet_steps=20, resnet_batch=32, resnet_test=256, act_inputs=64, recal_batches=2,
         recal_batch=32, diag_inputs=64, ablation_inputs=256, warm_repeats=1, sinkhorn=False, sweeps2=False,
         diag_resnet=False, resnet_weights=False, control=False,

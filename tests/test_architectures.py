@@ -20,7 +20,8 @@ RESNET18 = ResNet18()
 @pytest.fixture(scope="module")
 def resnet18():
     variables = random_variables(RESNET18, (32, 32, 3), seed=0)
-    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    # 16 x 16 inputs still reach every stage (the last at 2 x 2) at a quarter of the convolutions.
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
     return variables, x, RESNET18.apply(variables, x, train=False)
 
 
@@ -34,7 +35,7 @@ def test_planted_permutations_of_a_full_width_resnet18_with_batchnorm_are_recove
     spec = RESNET18.spec()
     # One program: the fusion's plans are the alignment's, and its params the recovered network's.
     fuse = jax.jit(lambda models: jfusion.fuse(models, spec, alignment=alignment, inputs=x))
-    for seed in range(3):
+    for seed in range(2):
         permuted, perms = jfusion.permute(variables, spec, jax.random.key(100 + seed))
         fused = fuse(jfusion.stack_models([variables, permuted]))
         for group, perm in perms.items():

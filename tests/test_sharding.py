@@ -22,6 +22,13 @@ K = 8
 LARGEST_LEAF = 16 * 12  # elements of one model's largest leaf (Dense_1's kernel)
 
 
+def subprocess_environment(*paths: Path) -> dict[str, str]:
+    """This process's environment with jfusion (and ``paths``) importable, compiling at the
+    suite's LLVM -O0 (tests/conftest.py) but without its other XLA flags."""
+    python_path = os.pathsep.join([str(ROOT / "src"), *map(str, paths), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": python_path, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+
 def prod(shape):
     n = 1
     for d in shape:
@@ -31,8 +38,7 @@ def prod(shape):
 
 @pytest.fixture(scope="module")
 def report():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_environment()
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "sharded_fusion.py")],
         capture_output=True, text=True, env=env, timeout=600,
@@ -100,8 +106,7 @@ def free_port():
 @pytest.mark.slow  # two processes, each compiling three fusions
 def test_two_processes_fuse_models_sharded_over_both():
     """``tests/multihost_fusion.py`` twice, joined by ``jax.distributed.initialize``: 4 devices each."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_environment(ROOT / "tests")
     port = free_port()
     script = str(ROOT / "tests" / "multihost_fusion.py")
     processes = [
