@@ -43,9 +43,12 @@ def test_gradient_for_asymmetric_relations_is_jax_grad_of_the_definition():
     a, b = asymmetric_relation(rng, 5, 2), asymmetric_relation(rng, 4, 2)
     plan, cost = rng.uniform(size=(5, 4)), rng.uniform(size=(5, 4))
     a, b, plan, cost = (jnp.asarray(x, jnp.float32) for x in (a, b, plan, cost))
-    expected = jax.grad(dense_objective)(plan, cost, a, b, 0.3)
-    np.testing.assert_allclose(fused_gw_gradient(plan, cost, a, b, 0.3), expected, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(fused_gw_objective(plan, cost, a, b, 0.3), dense_objective(plan, cost, a, b, 0.3), rtol=1e-5)
+    expected, gradient, objective, dense = jax.jit(
+        lambda *args: (jax.grad(dense_objective)(*args, 0.3), fused_gw_gradient(*args, 0.3),
+                       fused_gw_objective(*args, 0.3), dense_objective(*args, 0.3))
+    )(plan, cost, a, b)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(objective, dense, rtol=1e-5)
     # The symmetric-cost formula (Peyre et al. 2016's L x T, doubled: one cross term) is not it.
     a2, b2 = jnp.sum(a**2, -1), jnp.sum(b**2, -1)
     cross = jnp.einsum("ijr,jl,klr->ik", a, plan, b)
@@ -128,7 +131,7 @@ def test_a_capped_solver_reports_no_convergence_and_groups_without_recurrence_us
     rng = np.random.default_rng(1)
     support = RelationalSupport(jnp.asarray(rng.normal(size=(6, 3)), jnp.float32), jnp.asarray(rng.normal(size=(6, 6, 2)), jnp.float32))
     capped = jfusion.GromovWassersteinPlans(max_iterations=1, sinkhorn_iterations=20, hard=False)
-    result = capped.plan("r0", support, support, jnp.int32(0))
+    result = jax.jit(lambda s: capped.plan("r0", s, s, jnp.int32(0)))(support)
     assert not bool(result.converged) and int(result.iterations) == 1
     np.testing.assert_allclose(result.plan.sum(axis=0), np.full(6, 1 / 6), atol=1e-6)  # a coupling, soft
     # An MLP has no recurrent leaves: GWB's plans are OT fusion's.
