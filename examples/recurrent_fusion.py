@@ -13,7 +13,7 @@ fixed-point iteration of their Gromov-Wasserstein cost. GWB (``barycenter_fuse``
 the barycenter. Activation alignment uses the hidden states at every step on 200 training
 images.
 
-    python examples/recurrent_fusion.py                        # the recorded run, ~16 min on 2 CPU cores
+    python examples/recurrent_fusion.py                        # the recorded run (~16 min on 2 CPU cores before the GWB rows)
     python examples/recurrent_fusion.py --quick --out /tmp/q   # smoke test, digits, seconds
 
 Writes ``recurrent_fusion_numbers.{md,json}`` and ``recurrent_fusion.png`` to ``--out``; the

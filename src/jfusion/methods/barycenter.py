@@ -4,7 +4,10 @@ Akash, Li & García Trillos, "Wasserstein Barycenter-based Model Fusion and Line
 Connectivity of Neural Networks", 2022. ``F_{t+1} = sum_k w_k T~_k(F_t)``, where
 ``T~_k(F_t)`` is model k aligned onto the current estimate; the fixed point is a barycenter
 of the K layer measures. It is a ``lax.while_loop`` over the engine with the estimate as
-the reference -- the same producer, transport and combine as :func:`jfusion.fuse`.
+the reference -- the same producer, transport and combine as :func:`jfusion.fuse`. With
+``producer=GromovWassersteinPlans(...)`` the couplings of recurrent groups are fused
+Gromov-Wasserstein ones, the same paper's Gromov-Wasserstein barycenter (GWB,
+:mod:`jfusion.methods.gromov`).
 """
 
 from __future__ import annotations

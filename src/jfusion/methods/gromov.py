@@ -27,7 +27,10 @@ widths). Groups without recurrent leaves are solved as in OT fusion.
 The barycenter over K models and into any width is :func:`jfusion.barycenter_fuse` with
 ``producer=GromovWassersteinPlans(...)``: couplings onto the current estimate alternate with
 the barycentric update of its weights (``W_t = sum_k lambda_k T~_k(W_k)``, the
-hidden-to-hidden kernel transported on both axes), until the estimate stops changing.
+hidden-to-hidden kernel transported on both axes), until the estimate stops changing. The
+transport is the engine's -- the input axis by ``diag(1/T 1) T``, the output axis by
+``T diag(1/T^T 1)`` -- where the paper writes ``m^2 pi H pi^T``; the two agree for the
+permutation plans of equal widths, and the engine's keeps a duplicated unit's function.
 """
 
 from __future__ import annotations
