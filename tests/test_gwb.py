@@ -111,11 +111,13 @@ def test_duplicated_hidden_units_fuse_back_into_the_original_width():
     doubled = duplicate_neurons(original, spec, jax.random.key(5))  # copies, outgoing halved, shuffled
     np.testing.assert_allclose(jax.jit(wide.apply)(doubled, X), apply(original, X), atol=1e-5)
     target, _ = jfusion.permute(original, spec, jax.random.key(6))
-    fused = jfusion.barycenter_fuse([doubled], spec, target=target, producer=FUSED)
+    fused = jfusion.barycenter_fuse([doubled], spec, target=target, producer=RECURRENT_ONLY)
     assert max_tree_difference(fused.params, target) < 1e-5
     np.testing.assert_allclose(apply(fused.params, X), apply(original, X), atol=1e-5)
     plan = np.asarray(fused.plans["r0"].plan[0])
     assert plan.shape == (10, 5) and np.all((plan > 0).sum(axis=0) == 2)  # two copies per unit
+    # Per unit of mass read, a copy feeds the others as its parent did: GW distance 0.
+    assert abs(float(fused.plans["r0"].cost[0])) < 1e-6
 
 
 def test_three_permuted_copies_fuse_back_into_the_original():
