@@ -18,6 +18,7 @@ MODULES = [
     "jfusion.methods.fuse",
     "jfusion.methods.partial",
     "jfusion.methods.barycenter",
+    "jfusion.methods.gromov",
     "jfusion.methods.prune",
     "jfusion.methods.baselines",
 ]

@@ -31,7 +31,7 @@ def test_recurrent_fusion_quick(tmp_path):
     for cell, rows in blob["data"].items():
         by_name = {r["name"]: r["accuracy"] for r in rows}
         assert {"vanilla average", "ensemble (logit average)", "OT, weights, 2 sweeps (+ hidden-to-hidden)",
-                "OT, activations (100 images)"} <= set(by_name), cell
+                "GWB, alpha=0.5 (fused Gromov-Wasserstein barycenter)", "OT, activations (100 images)"} <= set(by_name), cell
         assert all(0.0 <= a <= 1.0 for accs in by_name.values() for a in accs)
         parents = [accs[0] for name, accs in by_name.items() if name.startswith("parent")]
         assert len(parents) == 2 and min(parents) > 0.2, parents  # chance is 0.1

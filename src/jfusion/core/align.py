@@ -40,7 +40,9 @@ from jfusion.core.spec import Spec
 from jfusion.core.support import (
     AlignmentMethod,
     ByActivations,
+    RelationalSupport,
     activation_support,
+    relation_support,
     resolve_alignment,
     weight_support,
 )
@@ -307,10 +309,15 @@ def _steps(config: EngineConfig):
             yield group, frozenset(groups if sweep else groups[:i])
 
 
-def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Array:
+def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Array | RelationalSupport:
     if activations is not None:
-        return activation_support(activations, group, widths[group])
-    return weight_support(leaves, config.spec, group, widths, maps, solved, config.alignment.outgoing)
+        features = activation_support(activations, group, widths[group])
+    else:
+        features = weight_support(leaves, config.spec, group, widths, maps, solved, config.alignment.outgoing)
+    if not getattr(config.producer, "relational", False):
+        return features
+    relation = relation_support(leaves, config.spec, group, widths, maps, solved)
+    return features if relation is None else RelationalSupport(features, relation)
 
 
 def _record(results, maps, group, result, width) -> None:

@@ -11,6 +11,7 @@ vanilla averaging   identity plans (:mod:`jfusion.methods.baselines`)
 partial fusion      partial OT into ``[fused | isolated]`` slots (:mod:`jfusion.methods.partial`)
 generalized pruning cluster plans of the reference itself (:mod:`jfusion.methods.prune`)
 barycenter fusion   OT fusion iterated onto its own estimate (:mod:`jfusion.methods.barycenter`)
+GWB fusion          fused Gromov-Wasserstein plans for recurrent groups (:mod:`jfusion.methods.gromov`)
 ==================  ===========================================================
 """
 
@@ -44,6 +45,11 @@ class PlanProducer(Protocol):
       weights model ``k`` in slot ``q`` by ``w_k coverage[k, q]`` (normalised per slot).
 
     Plans are transported by their own row and column sums, so their overall scale is free.
+
+    A producer with a true ``relational`` attribute (a class variable) receives, for the
+    groups with recurrent leaves (hidden-to-hidden kernels), a
+    :class:`jfusion.core.support.RelationalSupport` ``(features, relation)`` as ``support``
+    and ``reference_support`` instead of the features alone (Gromov-Wasserstein fusion).
     """
 
     def output_width(self, group: str, reference_width: int) -> int: ...
