@@ -27,7 +27,7 @@ from jfusion.core.align import (
 from jfusion.core.combine import model_weights as normalised_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
 from jfusion.core.errors import ConvergenceWarning
-from jfusion.core.plans import BalancedPlans
+from jfusion.core.plans import BalancedPlans, Importance
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import AlignmentMethod
@@ -62,6 +62,7 @@ def barycenter_fuse(
     solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
+    importance: Importance = "uniform",
     model_weights: jax.Array | Sequence[float] | None = None,
     inputs: jax.Array | None = None,
     max_iterations: int = 100,
@@ -107,7 +108,7 @@ def barycenter_fuse(
         Model Fusion and Linear Mode Connectivity of Neural Networks.* 2022.
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
-    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
+    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
     models = ModelStack(params_list)
     index = check_target(target, models.num_models)
     start = target if index is None else unflatten(models.treedef, models.model(index))
