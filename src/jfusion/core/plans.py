@@ -115,9 +115,16 @@ class BalancedPlans:
     """OT fusion's producer (Singh & Jaggi 2020): each model's neurons onto the reference's.
 
     ``T_k = OT(mu(X_k), mu(Y), d(X_k, Y))``; the reference keeps its own neurons (identity) and
-    every model fills every slot, so combine uses the plain model weights. Transport divides
-    by the plan's column sums, so a fused neuron is the barycentric average
+    every model fills every slot it sends mass to, so combine uses the plain model weights.
+    Transport divides by the plan's column sums, so a fused neuron is the barycentric average
     ``sum_p T[p, q] x_p / nu_q`` of the model neurons sent to it whatever the marginals.
+
+    A balanced plan reaches every slot. An unbalanced one (``Sinkhorn(tau_a=..., tau_b=...)``
+    below 1) may send a slot almost nothing: the model's neuron there is still the
+    barycentric average of the little that arrived (OTFusion's ``T / (T^T 1)`` does the
+    same); a slot it sends exactly nothing (the mass underflowed) is left to the other
+    models (coverage 0), so the fused neuron is not averaged with zeros, and a slot no model
+    reaches is zero.
 
     Attributes:
       solver, metric: the OT solver and the ground metric.
@@ -158,4 +165,4 @@ class BalancedPlans:
         return solve_balanced(self.solver, self.metric, group, support, reference_support, self.importance)
 
     def coverage(self, group: str, received: jax.Array) -> jax.Array:
-        return jnp.ones_like(received)
+        return (received > 0).astype(received.dtype)
