@@ -155,25 +155,36 @@ def test_unbalanced_ot_sends_less_and_less_from_a_neuron_without_counterpart():
     assert shares[-1] < 1e-6
 
 
-def test_an_unbalanced_fusion_leaves_a_neuron_without_counterpart_out_and_stays_finite():
-    reference = MLP((6, 3)).init(jax.random.key(0), X)
-    wide = MLP((7, 3)).init(jax.random.key(1), X)
-    ref_layer = reference["params"]["Dense_0"]
-    extra = {
+def with_extra_neuron(shared, other, value: float):
+    """``shared``'s hidden neurons plus one whose incoming weights and bias are all ``value``
+    (outgoing weights from ``other``)."""
+    layer = shared["params"]["Dense_0"]
+    return {"params": {
         "Dense_0": {
-            "kernel": jnp.concatenate([ref_layer["kernel"], jnp.full((4, 1), 0.5)], axis=1),
-            "bias": jnp.concatenate([ref_layer["bias"], jnp.array([0.5])]),
+            "kernel": jnp.concatenate([layer["kernel"], jnp.full((4, 1), value)], axis=1),
+            "bias": jnp.concatenate([layer["bias"], jnp.array([value])]),
         },
         "Dense_1": {
-            "kernel": jnp.concatenate([reference["params"]["Dense_1"]["kernel"], wide["params"]["Dense_1"]["kernel"][-1:]]),
-            "bias": reference["params"]["Dense_1"]["bias"],
+            "kernel": jnp.concatenate([shared["params"]["Dense_1"]["kernel"], other["params"]["Dense_1"]["kernel"][-1:]]),
+            "bias": shared["params"]["Dense_1"]["bias"],
         },
-    }
-    fused = jfusion.fuse([reference, {"params": extra}], SPEC, solver=jfusion.Sinkhorn(tau_a=0.5, tau_b=0.5))
+    }}
+
+
+def test_an_unbalanced_fusion_leaves_neurons_without_counterpart_unmixed():
+    shared = MLP((6, 3)).init(jax.random.key(0), X)
+    other = MLP((7, 3)).init(jax.random.key(1), X)
+    # Six neurons in common (shuffled in the model); each side has one the other lacks.
+    reference = with_extra_neuron(shared, other, -4.0)
+    model, _ = jfusion.permute(with_extra_neuron(shared, other, 4.0), SPEC, jax.random.key(3))
+    fused = jfusion.fuse([reference, model], SPEC, solver=jfusion.Sinkhorn(tau_a=0.5, tau_b=0.5))
     plan = np.asarray(fused.plans["h0"].plan[1])
-    assert plan.shape == (7, 6) and plan.sum(axis=1)[-1] < 1e-9 * plan.sum()
-    # The other neurons are the reference's own: the fused first layer is the reference's.
-    np.testing.assert_allclose(fused.params["params"]["Dense_0"]["kernel"], ref_layer["kernel"], atol=1e-5)
+    received = plan.sum(axis=0)
+    assert received[-1] == 0 and received[:-1].min() > 0.1  # the reference's extra slot: nothing
+    # Matched neurons are the reference's own, and the slot only the reference fills keeps its
+    # neuron instead of averaging it with zeros: the fused first layer is the reference's.
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_allclose(fused.params["params"]["Dense_0"][leaf], reference["params"]["Dense_0"][leaf], atol=1e-5)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(fused.params))
 
 

@@ -121,10 +121,12 @@ class BalancedPlans:
 
     A balanced plan reaches every slot. An unbalanced one (``Sinkhorn(tau_a=..., tau_b=...)``
     below 1) may send a slot almost nothing: the model's neuron there is still the
-    barycentric average of the little that arrived (OTFusion's ``T / (T^T 1)`` does the
-    same); a slot it sends exactly nothing (the mass underflowed) is left to the other
-    models (coverage 0), so the fused neuron is not averaged with zeros, and a slot no model
-    reaches is zero.
+    barycentric average of the little that arrived, at the model's full weight (OTFusion's
+    ``T / (T^T 1)`` does the same); a slot it sends exactly nothing (the mass underflowed:
+    the slot's neuron is far from all of the model's) is left to the other models
+    (coverage 0), so the fused neuron is not averaged with zeros, and a slot no model reaches
+    is zero. Weighting each model by the share of the slot's mass it sends is not done: it
+    needs the slot's marginal, which ``coverage`` is not given.
 
     Attributes:
       solver, metric: the OT solver and the ground metric.
