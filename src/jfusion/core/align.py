@@ -498,7 +498,8 @@ def align(
 
     For each group ``l`` in topological order and each model ``k``: supports ``X_k`` (rows
     of the incoming weights after past correction, or activations on ``inputs``) and ``Y``
-    of the target; cost ``C = d(X_k, Y)``; plan ``T_k = OT(1/n_k, 1/m, C)``; then every
+    of the target; cost ``C = d(X_k, Y)``; plan ``T_k = OT(mu(X_k), mu(Y), C)`` (``1/n_k``, ``1/m``
+    unless ``importance``); then every
     leaf is transported, output dims by ``T diag(1/beta)`` and input dims by
     ``diag(1/alpha) T``.
 

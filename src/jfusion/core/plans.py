@@ -130,7 +130,7 @@ class BalancedPlans:
 
     Attributes:
       solver, metric: the OT solver and the ground metric.
-      importance: the measures ``mu`` on both sides (:func:`importance_measure`):
+      importance: the measures ``mu`` on both sides (:func:`jfusion.core.plans.importance_measure`):
         ``"uniform"`` (default, ``1/n``), or ``"l1"`` / ``"l2"``, OTFusion's importance: a
         neuron's mass is proportional to the norm of its support row, on the model's side
         and on the reference's. Aligning by weights, the support row is the neuron's incoming
@@ -141,6 +141,10 @@ class BalancedPlans:
         neuron's activations on the batch. Non-uniform marginals need a solver that takes
         them (:class:`jfusion.Sinkhorn`): :class:`jfusion.Exact` is refused here, before any
         tracing, because under ``jit`` the marginals it would check are traced.
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020
+        (uniform and importance measures, §4).
     """
 
     solver: Solver = Exact()

@@ -267,7 +267,7 @@ class Sinkhorn:
     leave mass behind: a neuron whose every match is expensive sends (or receives) little,
     the less the smaller ``tau``. The plan then meets its marginals only approximately, and
     ``threshold`` is ott's criterion for the unbalanced iterations. Transport uses the plan's
-    own row and column sums (:mod:`jfusion.core.transport`), so a target neuron that receives
+    own row and column sums (``jfusion.core.transport``), so a target neuron that receives
     little mass from a model is still that model's barycentric average of whatever reached
     it, and a source neuron that sends little still hands its outgoing weights to the
     targets its small mass went to (OTFusion's ``T / (T^T 1)`` correction does the same); one
@@ -283,6 +283,15 @@ class Sinkhorn:
       tau_a, tau_b: how strictly the source (``a``, the model's neurons) and target (``b``,
         the reference's) marginals are met, ``0 < tau <= 1``; 1 (default) is balanced OT.
         :meth:`partial` is always balanced (its sink already absorbs the unmatched mass).
+
+    References:
+      - Marco Cuturi. *Sinkhorn Distances: Lightspeed Computation of Optimal Transport.*
+        NeurIPS 2013.
+      - Lénaïc Chizat, Gabriel Peyré, Bernhard Schmitzer and François-Xavier Vialard.
+        *Scaling Algorithms for Unbalanced Optimal Transport Problems.* Mathematics of
+        Computation, 2018.
+      - Thibault Séjourné, Jean Feydy, François-Xavier Vialard, Alain Trouvé and Gabriel
+        Peyré. *Sinkhorn Divergences for Unbalanced Optimal Transport.* 2019.
     """
 
     epsilon: float = 0.01
