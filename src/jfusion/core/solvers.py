@@ -270,8 +270,10 @@ class Sinkhorn:
     own row and column sums (``jfusion.core.transport``), so a target neuron that receives
     little mass from a model is still that model's barycentric average of whatever reached
     it, and a source neuron that sends little still hands its outgoing weights to the
-    targets its small mass went to (OTFusion's ``T / (T^T 1)`` correction does the same); one
-    that sends or receives exactly nothing contributes zeros, never NaN.
+    targets its small mass went to (OTFusion's ``T / (T^T 1)`` correction does the same). A
+    source neuron that sends exactly nothing is dropped, outgoing weights and all, and a
+    target slot that receives exactly nothing is left to the other models
+    (:class:`jfusion.BalancedPlans`); never NaN.
 
     Attributes:
       epsilon: entropic regularisation (> 0); relative to the cost's mean (or std) when
