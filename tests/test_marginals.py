@@ -75,6 +75,13 @@ def test_a_shuffled_copy_is_recovered_with_importance_and_small_epsilon(importan
     np.testing.assert_allclose(aligned["params"]["Dense_0"]["kernel"][1], params["params"]["Dense_0"]["kernel"], atol=1e-4)
 
 
+def test_barycenter_fusion_takes_importance_marginals(importance_fusion):
+    params, shuffled, _, _ = importance_fusion
+    result = jfusion.barycenter_fuse([params, shuffled], SPEC, solver=SINKHORN, importance="l1", max_iterations=3)
+    np.testing.assert_allclose(np.asarray(result.plans["h0"].plan[1]).sum(axis=0), l1_masses(params), atol=1e-4)
+    np.testing.assert_allclose(result.params["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"], atol=1e-4)
+
+
 def test_importance_measures_follow_the_norms_and_keep_zero_neurons_positive():
     rows = jnp.array([[3.0, -4.0], [0.0, 0.0], [1.0, 0.0]])
     np.testing.assert_allclose(importance_measure(rows, "l1"), np.array([7.0, 0.0, 1.0]) / 8.0, atol=1e-7)
