@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jfusion.core.combine import combine, model_weights, slot_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
 from jfusion.core.errors import ConvergenceWarning, FusionInputError, SpecError
-from jfusion.core.plans import BalancedPlans, PlanProducer, identity_result
+from jfusion.core.plans import BalancedPlans, Importance, PlanProducer, identity_result
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import (
@@ -497,6 +497,7 @@ def align(
     solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
+    importance: Importance = "uniform",
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
 ) -> Alignment:
@@ -504,7 +505,8 @@ def align(
 
     For each group ``l`` in topological order and each model ``k``: supports ``X_k`` (rows
     of the incoming weights after past correction, or activations on ``inputs``) and ``Y``
-    of the target; cost ``C = d(X_k, Y)``; plan ``T_k = OT(1/n_k, 1/m, C)``; then every
+    of the target; cost ``C = d(X_k, Y)``; plan ``T_k = OT(mu(X_k), mu(Y), C)`` (``1/n_k``, ``1/m``
+    unless ``importance``); then every
     leaf is transported, output dims by ``T diag(1/beta)`` and input dims by
     ``diag(1/alpha) T``.
 
@@ -515,13 +517,17 @@ def align(
         (:class:`jfusion.Exact`, :class:`jfusion.Sinkhorn`).
       alignment: ``"weights"``, :class:`jfusion.ByWeights` or :class:`jfusion.ByActivations`.
       metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
+      importance: the neurons' masses: ``"uniform"`` (default) or ``"l1"`` / ``"l2"``, OTFusion's
+        importance (mass proportional to the norm of each neuron's support row, on the
+        models' and the target's side; see :class:`jfusion.BalancedPlans`). Needs
+        ``solver=jfusion.Sinkhorn()``.
       target: index of the model to align onto, or a params pytree of the target
         architecture (other widths: fusing into a smaller or larger model).
       inputs: the batch activation alignment runs on.
 
     Reference: Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
     """
-    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
+    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
     problem = prepare(params_list, spec, producer, alignment=alignment, target=target, inputs=inputs)
     _, out = run(problem)
     return Alignment(unflatten(problem.config.reference_treedef, {p: out.aligned[p] for p, _ in problem.config.dtypes}), out.plans)

@@ -30,7 +30,7 @@ from jfusion.core.align import (
 from jfusion.core.combine import model_weights as normalised_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
 from jfusion.core.errors import ConvergenceWarning, FusionInputError
-from jfusion.core.plans import BalancedPlans, PlanProducer
+from jfusion.core.plans import BalancedPlans, Importance, PlanProducer
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import AlignmentMethod
@@ -65,6 +65,7 @@ def barycenter_fuse(
     solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
+    importance: Importance = "uniform",
     model_weights: jax.Array | Sequence[float] | None = None,
     inputs: jax.Array | None = None,
     max_iterations: int = 100,
@@ -116,11 +117,11 @@ def barycenter_fuse(
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
     if producer is None:
-        producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
-    elif not (isinstance(solver, str) and solver == "exact" and isinstance(metric, str) and metric == "euclidean"):
+        producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
+    elif not (solver == "exact" and metric == "euclidean" and importance == "uniform"):
         raise FusionInputError(
-            f"barycenter_fuse got producer={producer!r} and solver={solver!r}, metric={metric!r}: "
-            f"the producer makes the plans, so give it the solver and metric instead"
+            f"barycenter_fuse got producer={producer!r} and solver={solver!r}, metric={metric!r}, "
+            f"importance={importance!r}: the producer makes the plans, so give them to it instead"
         )
     models = ModelStack(params_list)
     index = check_target(target, models.num_models)
