@@ -149,7 +149,7 @@ def test_errors_name_the_group_and_the_sizes():
     narrow = recurrent("gru", 0, hidden=4)[1]
     with pytest.raises(jfusion.FusionInputError, match=r"group 'r0'.*n=6.*m=4.*hard=False"):
         jfusion.fuse_with(FUSED, [original], model.spec(), target=narrow)
-    with pytest.raises(jfusion.FusionInputError, match="give it the solver and metric"):
+    with pytest.raises(jfusion.FusionInputError, match="give them to it instead"):
         jfusion.barycenter_fuse([original], model.spec(), solver="sinkhorn", producer=FUSED)
     with pytest.raises(ValueError, match="alpha"):
         jfusion.GromovWassersteinPlans(alpha=1.5)

@@ -88,10 +88,10 @@ def barycenter_fuse(
         the target widths".
       max_iterations, tolerance: the stopping rule; the result reports both outcomes, and an
         eager call warns with :class:`jfusion.ConvergenceWarning` when it stopped at the cap.
-      producer: the plans of every step (default ``BalancedPlans(solver, metric)``, the
+      producer: the plans of every step (default ``BalancedPlans(solver, metric, importance)``, the
         Wasserstein barycenter); :class:`jfusion.GromovWassersteinPlans` gives the
         Gromov-Wasserstein barycenter of recurrent networks (GWB). It carries its own solver
-        and metric, so ``solver`` and ``metric`` must then be left at their defaults.
+        and metric, so ``solver``, ``metric`` and ``importance`` must then be left at their defaults.
 
     Returns:
       A :class:`Barycenter`: the fused ``params``, the last step's ``plans``, and
