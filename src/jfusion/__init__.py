@@ -29,12 +29,12 @@ from jfusion import layers
 from jfusion.check import check_spec, permute
 from jfusion.core.align import Alignment, align
 from jfusion.core.costs import GroundMetric
-from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionError, SpecError
+from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionError, ResidualStreamWarning, SpecError
 from jfusion.core.plans import BalancedPlans, PlanProducer
 from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
 from jfusion.core.spec import LeafSpec, Spec
 from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
-from jfusion.core.tree import stack_models, unstack_models
+from jfusion.core.tree import running_statistics, stack_models, unstack_models
 from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
 from jfusion.methods.barycenter import Barycenter, barycenter_fuse
 from jfusion.methods.baselines import ensemble_apply, vanilla_average
@@ -68,6 +68,7 @@ __all__ = [
     "OTResult",
     "PartialFusion",
     "PlanProducer",
+    "ResidualStreamWarning",
     "Sinkhorn",
     "Solver",
     "Spec",
@@ -86,6 +87,7 @@ __all__ = [
     "permute",
     "prune",
     "recalibrate_batch_stats",
+    "running_statistics",
     "stack_models",
     "take_model",
     "trace_spec",
