@@ -12,6 +12,7 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
 * Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
   :func:`partial_fuse`, :func:`prune`.
 * Alignment by :class:`ByWeights` (default) or :class:`ByActivations`.
+* REPAIR / RESCALE after any fusion (Jordan et al., ICLR 2023): :func:`repair`.
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, traced from the model by :func:`trace_spec` or written by
@@ -41,6 +42,7 @@ from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.methods.fuse import Fusion, fuse, fuse_with
 from jfusion.methods.partial import PartialFusion, partial_fuse
 from jfusion.methods.prune import prune
+from jfusion.methods.repair import Repair, repair
 from jfusion.models.widths import module_for, widths_of
 from jfusion.pytrees import take_model
 from jfusion.trace import TraceError, trace_spec
@@ -68,6 +70,7 @@ __all__ = [
     "OTResult",
     "PartialFusion",
     "PlanProducer",
+    "Repair",
     "ResidualStreamWarning",
     "Sinkhorn",
     "Solver",
@@ -87,6 +90,7 @@ __all__ = [
     "permute",
     "prune",
     "recalibrate_batch_stats",
+    "repair",
     "running_statistics",
     "stack_models",
     "take_model",
