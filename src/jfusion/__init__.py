@@ -11,7 +11,8 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
   :func:`barycenter_fuse`.
 * Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
   :func:`partial_fuse`, :func:`prune`.
-* Alignment by :class:`ByWeights` (default) or :class:`ByActivations`.
+* Alignment by :class:`ByWeights` (default) or :class:`ByActivations`; whether a plan beats
+  the identity: :func:`plan_diagnostics`; a price on leaving it: ``GroundMetric(identity_prior=...)``.
 * REPAIR / RESCALE after any fusion (Jordan et al., ICLR 2023): :func:`repair`.
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
@@ -36,6 +37,7 @@ from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
 from jfusion.core.spec import LeafSpec, Spec
 from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
 from jfusion.core.tree import running_statistics, stack_models, unstack_models
+from jfusion.diagnostics import PlanDiagnostics, plan_diagnostics
 from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
 from jfusion.methods.barycenter import Barycenter, barycenter_fuse
 from jfusion.methods.baselines import ensemble_apply, vanilla_average
@@ -69,6 +71,7 @@ __all__ = [
     "NnxActivations",
     "OTResult",
     "PartialFusion",
+    "PlanDiagnostics",
     "PlanProducer",
     "Repair",
     "ResidualStreamWarning",
@@ -88,6 +91,7 @@ __all__ = [
     "module_for",
     "partial_fuse",
     "permute",
+    "plan_diagnostics",
     "prune",
     "recalibrate_batch_stats",
     "repair",

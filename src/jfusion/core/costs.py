@@ -29,17 +29,26 @@ class GroundMetric:
       normalize_cost: divide the cost matrix by its ``"max"``, ``"mean"`` or ``"median"``
         (None keeps raw costs). Only the scale changes, so exact plans are unaffected;
         it makes an absolute Sinkhorn epsilon meaningful.
+      identity_prior: ``lam >= 0``: a price on leaving the identity,
+        ``C <- C + lam mean(C) (1 - I)``, for models that share an initialisation
+        (federated rounds), whose neuron ``p`` starts as the target's neuron ``p``: a plan
+        moves a neuron only where that gains more than ``lam`` times the mean cost. For
+        ``n != m`` neurons, ``I`` is ``eye(n, m)``: neuron ``p`` of both keeps its index.
+        Scaled by the mean cost, so it means the same for every group and support.
     """
 
     kind: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"
     normalize_supports: bool = False
     normalize_cost: Literal["max", "mean", "median"] | None = None
+    identity_prior: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("euclidean", "sqeuclidean", "cosine"):
             raise ValueError(f"GroundMetric.kind must be euclidean, sqeuclidean or cosine, not {self.kind!r}")
         if self.normalize_cost not in (None, "max", "mean", "median"):
             raise ValueError(f"GroundMetric.normalize_cost must be None, max, mean or median, not {self.normalize_cost!r}")
+        if not (isinstance(self.identity_prior, (int, float)) and 0.0 <= self.identity_prior < float("inf")):
+            raise ValueError(f"GroundMetric.identity_prior must be a finite number >= 0, not {self.identity_prior!r}")
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """Cost matrix ``(n, m)`` between supports ``x (n, d)`` and ``y (m, d)``."""
@@ -68,6 +77,9 @@ class GroundMetric:
             cost = cost / jnp.maximum(jnp.mean(cost), 1e-30)
         elif self.normalize_cost == "median":
             cost = cost / jnp.maximum(jnp.median(cost), 1e-30)
+        if self.identity_prior:
+            off_identity = 1.0 - jnp.eye(*cost.shape, dtype=cost.dtype)
+            cost = cost + self.identity_prior * jnp.mean(cost) * off_identity
         return cost
 
 
