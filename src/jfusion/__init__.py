@@ -14,7 +14,8 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
 * Alignment by :class:`ByWeights` (default) or :class:`ByActivations`; whether a plan beats
   the identity: :func:`plan_diagnostics`; a price on leaving it: ``GroundMetric(identity_prior=...)``.
 * REPAIR / RESCALE after any fusion (Jordan et al., ICLR 2023): :func:`repair`.
-* BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
+* BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`
+  (git-re-basin's protocol), drawn by :func:`plot_interpolation`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, traced from the model by :func:`trace_spec` or written by
   hand (one layer at a time with :mod:`jfusion.layers`: ``layers.dense``, ``layers.conv``,
@@ -38,7 +39,7 @@ from jfusion.core.spec import LeafSpec, Spec
 from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
 from jfusion.core.tree import running_statistics, stack_models, unstack_models
 from jfusion.diagnostics import PlanDiagnostics, plan_diagnostics
-from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
+from jfusion.evaluate import BarrierResult, loss_barrier, plot_interpolation, recalibrate_batch_stats
 from jfusion.methods.barycenter import Barycenter, barycenter_fuse
 from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.methods.fuse import Fusion, fuse, fuse_with
@@ -57,6 +58,7 @@ except PackageNotFoundError:  # a source tree on sys.path, not installed
 __all__ = [
     "Alignment",
     "BalancedPlans",
+    "BarrierResult",
     "Barycenter",
     "ByActivations",
     "ByWeights",
@@ -92,6 +94,7 @@ __all__ = [
     "partial_fuse",
     "permute",
     "plan_diagnostics",
+    "plot_interpolation",
     "prune",
     "recalibrate_batch_stats",
     "repair",
