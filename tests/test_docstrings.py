@@ -20,6 +20,9 @@ MODULES = [
     "jfusion.methods.barycenter",
     "jfusion.methods.prune",
     "jfusion.methods.baselines",
+    "jfusion.methods.repair",
+    "jfusion.diagnostics",
+    "jfusion.evaluate",  # loss_barrier
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -42,7 +45,7 @@ def test_the_main_public_api_has_examples_and_references():
     import jfusion
 
     for name in ["fuse", "partial_fuse", "barycenter_fuse", "prune", "vanilla_average", "trace_spec",
-                 "check_spec", "permute", "Spec", "ByWeights", "ByActivations"]:
+                 "check_spec", "permute", "Spec", "ByWeights", "ByActivations", "repair"]:
         doc = getattr(jfusion, name).__doc__
         assert "\n    Examples:\n" in doc and "\n    References:\n" in doc, name
     for name in jfusion.layers.__all__:
