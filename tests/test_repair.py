@@ -146,3 +146,35 @@ def test_repair_names_what_it_cannot_do(mlp):
         jfusion.repair(params, alignment, SPEC, X, model=MODEL, points={"nope": "Dense_0"})
     with pytest.raises(ValueError, match="mode must be"):
         jfusion.repair(params, alignment, SPEC, X, model=MODEL, mode="reset")
+
+
+def test_a_residual_network_meets_its_targets_in_one_pass():
+    # A stream's writers sit at every depth (stem, each block's bn2, the shortcut's norm), so the
+    # modules are repaired in the order their outputs depend on each other, not by group.
+    model = jfusion.models.ResNet((1, 1), (4, 8), num_classes=3)
+    x = jax.random.normal(jax.random.key(11), (16, 8, 8, 1))
+    parents = [model.init(jax.random.key(k), x) for k in (12, 13)]
+    fused = jfusion.vanilla_average(parents, model.spec()).params
+    result = jfusion.repair(fused, parents, model.spec(), x, model=model)
+
+    def norm_outputs(variables):
+        _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        out = {}
+        for module in result.scales:
+            node = state["intermediates"]
+            for name in module.split("/"):
+                node = node[name]
+            out[module] = np.asarray(node["__call__"][0]).reshape(-1, node["__call__"][0].shape[-1])
+        return out
+
+    assert sorted(result.scales) == sorted(
+        ["stem_bn", "stage0_block0/bn1", "stage0_block0/bn2", "stage1_block0/bn1", "stage1_block0/bn2", "stage1_block0/proj_bn"]
+    )
+    before, after = norm_outputs(fused), norm_outputs(result.params)
+    targets = [norm_outputs(p) for p in parents]
+    for module, y in after.items():
+        std = (targets[0][module].std(0) + targets[1][module].std(0)) / 2
+        mean = (targets[0][module].mean(0) + targets[1][module].mean(0)) / 2
+        np.testing.assert_allclose(y.std(0), std, rtol=1e-4, err_msg=module)
+        np.testing.assert_allclose(y.mean(0), mean, rtol=1e-4, atol=1e-5, err_msg=module)
+    assert not np.allclose(before["stage1_block0/bn2"].std(0), after["stage1_block0/bn2"].std(0), rtol=1e-2)

@@ -1,5 +1,7 @@
 """Weight supports are weights: running statistics never enter them; residual streams warn."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,3 +66,7 @@ def test_weight_alignment_of_a_residual_network_warns():
     with pytest.warns(jfusion.ResidualStreamWarning, match=r"residual streams \['s0'\].*ByActivations") as warned:
         jfusion.align([variables, variables], model.spec())
     assert all(w.filename == __file__ for w in warned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jfusion.ResidualStreamWarning)
+        jfusion.vanilla_average([variables, variables], model.spec())  # matches nothing: no advice
+        jfusion.align([variables, variables], model.spec(), alignment=jfusion.ByActivations.from_module(model), inputs=x)

@@ -203,12 +203,15 @@ def prepare(
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
     stack: bool = True,
+    matches: bool = True,
 ) -> Problem:
     """Validate everything that can be checked before tracing; raise named errors.
 
     ``stack=False`` keeps a list of equal-width models apart (the unrolled path). A method
     whose producer depends on the widths passes ``producer=None`` and then
-    :meth:`Problem.with_producer`.
+    :meth:`Problem.with_producer`. ``matches=False`` says the producer matches no neurons
+    between models (vanilla averaging), so weight alignment's advice on residual streams
+    (:class:`jfusion.ResidualStreamWarning`) does not apply.
     """
     spec = _as_spec(spec)
     alignment = resolve_alignment(alignment)
@@ -257,7 +260,7 @@ def prepare(
                         f"which maps to {e} in the target, but the target has {f} there; "
                         f"ungrouped axes must agree between models"
                     )
-    if not isinstance(alignment, ByActivations) and spec.residual_streams:
+    if matches and num > 1 and not isinstance(alignment, ByActivations) and spec.residual_streams:
         warnings.warn(
             f"weight alignment of a model with residual streams {list(spec.residual_streams)}: each "
             f"stream's map is solved from its first writers (stem, projection shortcuts), which "

@@ -21,10 +21,13 @@ norms' affine parameters (scale and bias), its running statistics are left alone
 those ("reset BN", :func:`jfusion.recalibrate_batch_stats`) is the special case of matching
 the fused network to its own batch statistics, and when wanted it comes first.
 
-Repairing a layer changes the inputs of every layer after it, so groups are repaired one at a
-time in the Spec's order (inputs before the groups they read), each from a forward pass of the
-network repaired so far; ``passes`` repeats the sweep (a residual stream's later writers are
-repaired before the blocks that feed them, so a second pass settles them).
+Repairing a layer changes the inputs of every layer after it, so the repaired modules go in
+stages, each from a forward pass of the network repaired so far: a module joins the first
+stage after every module its output depends on. The dependence is measured, not read from the
+Spec's group order (a residual stream's writers sit at every depth of the network): one
+forward-mode derivative per module says which outputs move when its parameters do. A
+feed-forward network is then repaired exactly in one pass; ``passes`` repeats the sweep for
+networks that call a module more than once (its later calls read its earlier ones).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from jfusion.core.support import ByActivations
 from jfusion.core.tree import ModelStack, PyTree, first_difference, flatten, module_path, running_statistics, unflatten
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_DEPENDENCE_INPUTS = 16
 
 
 class Repair(NamedTuple):
@@ -82,11 +86,11 @@ class _RepairConfig:
     """Everything static about one repair (hashable: the ``jit`` static argument)."""
 
     units: tuple[_Unit, ...]
-    groups: tuple[str, ...]
     activations: Callable[[PyTree, jax.Array], Mapping[str, jax.Array]]
     treedef: Any
     shift: bool
     passes: int
+    stages: tuple[tuple[int, ...], ...] = ()  # indices into units, in dependence order
 
 
 def _repair_points(spec: Spec, points: Mapping[str, str | Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
@@ -169,18 +173,21 @@ def _repair_program(config: _RepairConfig, fused, parents, inputs, weights):
     def activations(leaves):
         return config.activations(unflatten(config.treedef, leaves), inputs)
 
+    def moments_of(leaves):
+        return {u.module: _moments(y) for u, y in zip(config.units, _unit_values(config.units, activations(leaves)))}
+
     # The parents' statistics: one forward pass of every parent, vmapped over K.
-    parent_moments = jax.vmap(lambda leaves: {u.module: _moments(a) for u, a in zip(config.units, _unit_values(config, activations(leaves)))})(parents)
+    parent_moments = jax.vmap(moments_of)(parents)
     target_mean = {u: jnp.tensordot(weights, mean, axes=1, precision=_HIGHEST) for u, (mean, _) in parent_moments.items()}
     target_std = {u: jnp.tensordot(weights, std, axes=1, precision=_HIGHEST) for u, (_, std) in parent_moments.items()}
     scales = {u.module: jnp.ones_like(target_std[u.module]) for u in config.units}
     shifts = {u.module: jnp.zeros_like(target_mean[u.module]) for u in config.units}
     leaves = dict(fused)
     for _ in range(config.passes):
-        for group in config.groups:
-            units = [u for u in config.units if u.group == group]
-            # One forward pass of the network as repaired so far: this group's inputs are final.
-            values = _unit_values(config, activations(leaves), units)
+        for stage in config.stages:
+            units = [config.units[i] for i in stage]
+            # One forward pass of the network as repaired so far: this stage's inputs are final.
+            values = _unit_values(units, activations(leaves))
             for unit, y in zip(units, values):
                 mean, std = _moments(y)
                 # A channel constant on the batch has no spread to rescale: it is only moved.
@@ -193,8 +200,43 @@ def _repair_program(config: _RepairConfig, fused, parents, inputs, weights):
     return leaves, scales, shifts, target_mean, target_std
 
 
-def _unit_values(config: _RepairConfig, values: Mapping[str, jax.Array], units: Sequence[_Unit] | None = None) -> list[jax.Array]:
-    units = config.units if units is None else units
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _dependencies(units: tuple[_Unit, ...], activations: Callable, treedef: Any, fused, inputs) -> jax.Array:
+    """``D[u, v]``: whether unit ``v``'s output moves with unit ``u``'s parameters (a JVP each)."""
+    paths = [p for p, x in fused.items() if jnp.issubdtype(x.dtype, jnp.inexact)]
+    fixed = {p: x for p, x in fused.items() if p not in paths}
+    mask = np.zeros((len(units), len(paths)), np.float32)
+    for i, unit in enumerate(units):
+        for path in unit.scaled + unit.shifted:
+            mask[i, paths.index(path)] = 1.0
+
+    def outputs(*arrays):
+        values = activations(unflatten(treedef, {**fixed, **dict(zip(paths, arrays))}), inputs)
+        return [v.astype(jnp.float32) for v in _unit_values(units, values)]
+
+    def moved(row):
+        # The derivative along scaling unit u's leaves: d(r x)/dr = x.
+        tangents = [fused[p] * row[j].astype(fused[p].dtype) for j, p in enumerate(paths)]
+        _, out = jax.jvp(outputs, [fused[p] for p in paths], tangents)
+        return jnp.stack([jnp.any(t != 0) for t in out])
+
+    return jax.lax.map(moved, jnp.asarray(mask))
+
+
+def _stages(units: Sequence[_Unit], depends: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """Units in stages: each after every other unit its output depends on."""
+    n = len(units)
+    depends = depends & ~np.eye(n, dtype=bool)  # a module called twice reads itself: passes settle it
+    cyclic = [(units[u].module, units[v].module) for u in range(n) for v in range(u + 1, n) if depends[u, v] and depends[v, u]]
+    if cyclic:
+        raise SpecError(f"the outputs of modules {cyclic[0]} depend on each other, so neither can be repaired first")
+    level = np.zeros(n, int)
+    for _ in range(n):  # longest path from a source: at most n relaxations
+        level = np.array([max([level[u] + 1 for u in range(n) if depends[u, v]], default=0) for v in range(n)])
+    return tuple(tuple(int(i) for i in np.flatnonzero(level == k)) for k in range(int(level.max(initial=-1)) + 1))
+
+
+def _unit_values(units: Sequence[_Unit], values: Mapping[str, jax.Array]) -> list[jax.Array]:
     out = []
     for unit in units:
         if unit.module not in values:
@@ -240,7 +282,8 @@ def repair(
       points: ``{group: module path or paths}`` to repair (only those groups). By default
         every group, at its normalisations (BatchNorm, LayerNorm) when it has any, else at
         every module writing it.
-      passes: sweeps over the groups (more settle residual streams).
+      passes: sweeps over the repaired modules (one is exact for a feed-forward network;
+        more settle a module called several times).
       apply_kwargs: keyword arguments of the forward pass (linen ``apply``, e.g.
         ``train=False``; nnx: ``train`` sets the mode, the others go to ``__call__``).
 
@@ -291,9 +334,12 @@ def repair(
     activations = ByActivations.from_module(
         model, points={u.module: u.module for u in units}, **dict(apply_kwargs or {})
     ).fn
-    config = _RepairConfig(units, tuple(chosen), activations, treedef, mode == "repair", passes)
+    config = _RepairConfig(units, activations, treedef, mode == "repair", passes)
     weights = normalised_weights(model_weights, stack.num_models)
-    leaves, scales, shifts, mean, std = _repair_program(
-        config, {p: jnp.asarray(x) for p, x in fused_leaves.items()}, stack.stacked, jnp.asarray(inputs), weights
-    )
+    leaves = {p: jnp.asarray(x) for p, x in fused_leaves.items()}
+    inputs = jnp.asarray(inputs)
+    # Which module feeds which, on a few inputs (a path closed by ReLUs on all of them is rare).
+    depends = np.asarray(_dependencies(units, activations, treedef, leaves, inputs[:_DEPENDENCE_INPUTS]))
+    config = dataclasses.replace(config, stages=_stages(units, depends))
+    leaves, scales, shifts, mean, std = _repair_program(config, leaves, stack.stacked, inputs, weights)
     return Repair(unflatten(treedef, leaves), scales, shifts, mean, std)
