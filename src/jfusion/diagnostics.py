@@ -117,7 +117,7 @@ def plan_diagnostics(
     plans: Any,
     params_list: PyTree | Sequence[PyTree] | None = None,
     *,
-    activations: ByActivations | Activations | None = None,
+    activations: ByActivations | Callable[[PyTree, jax.Array], Mapping[str, jax.Array]] | None = None,
     inputs: jax.Array | None = None,
     target: int | PyTree = 0,
 ) -> dict[str, PlanDiagnostics]:

@@ -68,7 +68,7 @@ class EngineConfig:
         reference is aligned under the same ``vmap`` too, so K stays sharded (see
         :func:`align_models`).
       statistics: the paths of running statistics, left out of weight supports
-        (:func:`jfusion.core.tree.running_statistics`).
+        (:func:`jfusion.running_statistics`).
     """
 
     spec: Spec

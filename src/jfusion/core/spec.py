@@ -305,7 +305,7 @@ class Spec:
         than one set of input groups: a ResNet stage's stream is written by the stem or a
         projection and by every block's last conv, each from its own inputs. An LSTM's gates
         all read the same inputs, so a recurrent layer is not one. Weight alignment solves a
-        stream from its first writers alone (see :func:`_order`), the stem and the 1x1
+        stream from its first writers alone (the group order), the stem and the 1x1
         shortcuts, which a short training run moves least: align such models by activations.
         """
         return self._streams

@@ -321,7 +321,7 @@ def weight_support(
     ``maps`` transports this model's other groups into the target basis (empty for the
     target itself); ``solved`` names the groups that have a plan, so the model and the target
     use the same leaves and the same feature layout. ``statistics`` are the paths of running
-    statistics (:func:`jfusion.core.tree.running_statistics`): data moments, not weights, so
+    statistics (:func:`jfusion.running_statistics`): data moments, not weights, so
     they never enter a support -- a BatchNorm's running variance can dwarf every kernel row
     and decide the matching alone -- though they are transported like any other leaf.
     """

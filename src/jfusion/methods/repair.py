@@ -24,8 +24,8 @@ the fused network to its own batch statistics, and when wanted it comes first.
 Repairing a layer changes the inputs of every layer after it, so the repaired modules go in
 stages, each from a forward pass of the network repaired so far: a module joins the first
 stage after every module its output depends on. The dependence is measured, not read from the
-Spec's group order (a residual stream's writers sit at every depth of the network): one
-forward-mode derivative per module says which outputs move when its parameters do. A
+Spec's group order (a residual stream's writers sit at every depth of the network): the
+forward pass's jaxpr says which outputs are computed from which module's parameters. A
 feed-forward network is then repaired exactly in one pass; ``passes`` repeats the sweep for
 networks that call a module more than once (its later calls read its earlier ones).
 """
@@ -37,6 +37,7 @@ import functools
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,7 +49,6 @@ from jfusion.core.support import ByActivations
 from jfusion.core.tree import ModelStack, PyTree, first_difference, flatten, module_path, running_statistics, unflatten
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_DEPENDENCE_INPUTS = 16
 
 
 class Repair(NamedTuple):
@@ -200,27 +200,49 @@ def _repair_program(config: _RepairConfig, fused, parents, inputs, weights):
     return leaves, scales, shifts, target_mean, target_std
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _dependencies(units: tuple[_Unit, ...], activations: Callable, treedef: Any, fused, inputs) -> jax.Array:
-    """``D[u, v]``: whether unit ``v``'s output moves with unit ``u``'s parameters (a JVP each)."""
-    paths = [p for p, x in fused.items() if jnp.issubdtype(x.dtype, jnp.inexact)]
-    fixed = {p: x for p, x in fused.items() if p not in paths}
-    mask = np.zeros((len(units), len(paths)), np.float32)
-    for i, unit in enumerate(units):
-        for path in unit.scaled + unit.shifted:
-            mask[i, paths.index(path)] = 1.0
+# Call primitives whose body runs once: dependence flows through them variable by variable.
+# Any other primitive with a body (scan, while, cond) is taken whole: every output depends on
+# every input, since a loop carries values from one iteration to the next.
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "checkpoint"})
+
+
+def _flow(jaxpr: jex_core.Jaxpr, inputs: Sequence[frozenset[int]]) -> list[frozenset[int]]:
+    """For each output of ``jaxpr``, the units whose parameters it is computed from."""
+    env: dict[Any, frozenset[int]] = dict(zip(jaxpr.invars, inputs))
+
+    def read(atom: Any) -> frozenset[int]:
+        return frozenset() if isinstance(atom, jex_core.Literal) else env.get(atom, frozenset())
+
+    for eqn in jaxpr.eqns:
+        ins = [read(a) for a in eqn.invars]
+        body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        body = getattr(body, "jaxpr", body)  # a ClosedJaxpr's Jaxpr
+        if eqn.primitive.name in _CALLS and isinstance(body, jex_core.Jaxpr) and len(body.invars) == len(ins):
+            outs = _flow(body, ins)
+        else:
+            outs = [frozenset().union(*ins)] * len(eqn.outvars)
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _dependencies(units: tuple[_Unit, ...], activations: Callable, treedef: Any, fused, inputs) -> np.ndarray:
+    """``D[u, v]``: whether unit ``v``'s output is computed from unit ``u``'s parameters.
+
+    Read from the forward pass's jaxpr (tracing only, nothing compiled or run), so a path that
+    ReLUs close on these inputs still counts.
+    """
+    paths = list(fused)
 
     def outputs(*arrays):
-        values = activations(unflatten(treedef, {**fixed, **dict(zip(paths, arrays))}), inputs)
-        return [v.astype(jnp.float32) for v in _unit_values(units, values)]
+        return _unit_values(units, activations(unflatten(treedef, dict(zip(paths, arrays))), inputs))
 
-    def moved(row):
-        # The derivative along scaling unit u's leaves: d(r x)/dr = x.
-        tangents = [fused[p] * row[j].astype(fused[p].dtype) for j, p in enumerate(paths)]
-        _, out = jax.jvp(outputs, [fused[p] for p in paths], tangents)
-        return jnp.stack([jnp.any(t != 0) for t in out])
-
-    return jax.lax.map(moved, jnp.asarray(mask))
+    closed = jax.make_jaxpr(outputs)(*(fused[p] for p in paths))
+    owner = {path: i for i, unit in enumerate(units) for path in unit.scaled + unit.shifted}
+    sources = [frozenset({owner[p]}) if p in owner else frozenset() for p in paths]
+    depends = np.zeros((len(units), len(units)), bool)
+    for v, found in enumerate(_flow(closed.jaxpr, sources)):
+        depends[list(found), v] = True
+    return depends
 
 
 def _stages(units: Sequence[_Unit], depends: np.ndarray) -> tuple[tuple[int, ...], ...]:
@@ -338,8 +360,7 @@ def repair(
     weights = normalised_weights(model_weights, stack.num_models)
     leaves = {p: jnp.asarray(x) for p, x in fused_leaves.items()}
     inputs = jnp.asarray(inputs)
-    # Which module feeds which, on a few inputs (a path closed by ReLUs on all of them is rare).
-    depends = np.asarray(_dependencies(units, activations, treedef, leaves, inputs[:_DEPENDENCE_INPUTS]))
+    depends = _dependencies(units, activations, treedef, leaves, inputs)
     config = dataclasses.replace(config, stages=_stages(units, depends))
     leaves, scales, shifts, mean, std = _repair_program(config, leaves, stack.stacked, inputs, weights)
     return Repair(unflatten(treedef, leaves), scales, shifts, mean, std)
