@@ -120,10 +120,9 @@ def test_batch_norm_networks_are_repaired_through_the_norms(api):
     nnx_paths = api == "nnx"
     model, variables = (nnx_model if nnx_paths else linen_model)(jax.random.key(6))
     spec, x = bn_spec(nnx_paths), images(jax.random.key(7), 16)
-    permuted, _ = jfusion.permute(variables, spec, jax.random.key(8))
-    alignment = jfusion.align([variables, permuted], spec)
+    parents = jfusion.stack_models([variables, variables])  # aligned parents, stacked on K
     distorted = _distorted_norms(variables, jax.random.key(9), nnx_paths)
-    result = jfusion.repair(distorted, alignment, spec, x, model=model)
+    result = jfusion.repair(distorted, parents, spec, x, model=model)
     assert set(result.scales) == {"bn0", "bn1"}  # the norms, not the convs before them
     # The norms' affine parameters come back; kernels and running statistics are untouched.
     _assert_close_trees(result.params, variables, atol=5e-5)
@@ -131,7 +130,7 @@ def test_batch_norm_networks_are_repaired_through_the_norms(api):
     for path in untouched:
         np.testing.assert_array_equal(flatten(result.params)[0][path], flatten(distorted)[0][path], err_msg=path)
     # A correct fusion stays as it is.
-    again = jfusion.repair(result.params, alignment, spec, x, model=model)
+    again = jfusion.repair(result.params, parents, spec, x, model=model)
     _assert_close_trees(again.params, result.params, atol=1e-5)
 
 
