@@ -90,7 +90,7 @@ class _RepairConfig:
     treedef: Any
     shift: bool
     passes: int
-    stages: tuple[tuple[int, ...], ...] = ()  # indices into units, in dependence order
+    stages: tuple[tuple[int, ...], ...]  # indices into units, in dependence order
 
 
 def _repair_points(spec: Spec, points: Mapping[str, str | Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
@@ -356,11 +356,10 @@ def repair(
     activations = ByActivations.from_module(
         model, points={u.module: u.module for u in units}, **dict(apply_kwargs or {})
     ).fn
-    config = _RepairConfig(units, activations, treedef, mode == "repair", passes)
     weights = normalised_weights(model_weights, stack.num_models)
     leaves = {p: jnp.asarray(x) for p, x in fused_leaves.items()}
     inputs = jnp.asarray(inputs)
-    depends = _dependencies(units, activations, treedef, leaves, inputs)
-    config = dataclasses.replace(config, stages=_stages(units, depends))
+    stages = _stages(units, _dependencies(units, activations, treedef, leaves, inputs))
+    config = _RepairConfig(units, activations, treedef, mode == "repair", passes, stages)
     leaves, scales, shifts, mean, std = _repair_program(config, leaves, stack.stacked, inputs, weights)
     return Repair(unflatten(treedef, leaves), scales, shifts, mean, std)
