@@ -101,6 +101,9 @@ def test_repair_of_a_correct_fusion_is_the_identity(mlp):
     _assert_close_trees(result.params, fused, atol=1e-5)
     for module, scale in result.scales.items():
         np.testing.assert_allclose(scale, 1.0, rtol=1e-5, err_msg=module)
+    # Pure: it composes with jit (the module order is read from the trace either way).
+    jitted = jax.jit(lambda f, p: jfusion.repair(f, p, SPEC, X, model=MODEL).params)(fused, alignment.aligned)
+    _assert_close_trees(jitted, result.params, atol=1e-6)
 
 
 def _distorted_norms(variables, key, nnx_paths):

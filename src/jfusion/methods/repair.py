@@ -288,6 +288,7 @@ def repair(
     ``(sigma*_q / sigma_q) (y_q - mu_q) + mu*_q`` (REPAIR) or ``(sigma*_q / sigma_q) y_q``
     (RESCALE), folded into its kernel (or norm scale) and bias. Composable with every
     method: the parents are whatever was averaged, in the fused network's neuron order.
+    Pure and traceable (``jax.jit`` of a fuse-then-repair step works); one XLA program.
 
     Args:
       fused: the fused pytree (linen variables or an ``nnx.State``).
