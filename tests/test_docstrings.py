@@ -21,6 +21,9 @@ MODULES = [
     "jfusion.methods.gromov",
     "jfusion.methods.prune",
     "jfusion.methods.baselines",
+    "jfusion.methods.repair",
+    "jfusion.diagnostics",
+    "jfusion.evaluate",  # loss_barrier
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -43,7 +46,7 @@ def test_the_main_public_api_has_examples_and_references():
     import jfusion
 
     for name in ["fuse", "partial_fuse", "barycenter_fuse", "prune", "vanilla_average", "trace_spec",
-                 "check_spec", "permute", "Spec", "ByWeights", "ByActivations"]:
+                 "check_spec", "permute", "Spec", "ByWeights", "ByActivations", "repair"]:
         doc = getattr(jfusion, name).__doc__
         assert "\n    Examples:\n" in doc and "\n    References:\n" in doc, name
     for name in jfusion.layers.__all__:

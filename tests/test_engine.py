@@ -192,12 +192,13 @@ def test_loss_barrier_of_a_known_curve():
     # L(p) = -||p||^2 between a and -a: L(t) = -(1 - 2t)^2 ||a||^2, endpoints -||a||^2, so the
     # barrier is ||a||^2, at t = 1/2.
     a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([2.0])}
-    barrier, losses = jfusion.loss_barrier(
+    result = jfusion.loss_barrier(
         lambda p: -sum(jnp.sum(x**2) for x in jax.tree.leaves(p)), a, jax.tree.map(jnp.negative, a), num_points=11
     )
-    assert float(barrier) == pytest.approx(9.0, rel=1e-6)
-    np.testing.assert_allclose(losses, -9.0 * (1 - 2 * np.linspace(0, 1, 11)) ** 2, rtol=1e-5, atol=1e-5)
-    assert float(jfusion.loss_barrier(lambda p: jnp.sum(p["w"]), a, a)[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(result.barrier) == pytest.approx(9.0, rel=1e-6)
+    np.testing.assert_allclose(result.lambdas, np.linspace(0, 1, 11), atol=1e-7)
+    np.testing.assert_allclose(result.values["loss"], -9.0 * (1 - 2 * np.linspace(0, 1, 11)) ** 2, rtol=1e-5, atol=1e-5)
+    assert float(jfusion.loss_barrier(lambda p: jnp.sum(p["w"]), a, a).barrier) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_gradient_in_the_model_weights_matches_finite_differences():

@@ -12,8 +12,11 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
   ``producer=GromovWassersteinPlans(...)``.
 * Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
   :func:`partial_fuse`, :func:`prune`.
-* Alignment by :class:`ByWeights` (default) or :class:`ByActivations`.
-* BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
+* Alignment by :class:`ByWeights` (default) or :class:`ByActivations`; whether a plan beats
+  the identity: :func:`plan_diagnostics`; a price on leaving it: ``GroundMetric(identity_prior=...)``.
+* REPAIR / RESCALE after any fusion (Jordan et al., ICLR 2023): :func:`repair`.
+* BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`
+  (git-re-basin's protocol), drawn by :func:`plot_interpolation`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, traced from the model by :func:`trace_spec` or written by
   hand (one layer at a time with :mod:`jfusion.layers`: ``layers.dense``, ``layers.conv``,
@@ -30,19 +33,21 @@ from jfusion import layers
 from jfusion.check import check_spec, permute
 from jfusion.core.align import Alignment, align
 from jfusion.core.costs import GroundMetric
-from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionError, SpecError
+from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionError, ResidualStreamWarning, SpecError
 from jfusion.core.plans import BalancedPlans, PlanProducer
 from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
 from jfusion.core.spec import LeafSpec, Spec
 from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
-from jfusion.core.tree import stack_models, unstack_models
-from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
+from jfusion.core.tree import running_statistics, stack_models, unstack_models
+from jfusion.diagnostics import PlanDiagnostics, plan_diagnostics
+from jfusion.evaluate import BarrierResult, loss_barrier, plot_interpolation, recalibrate_batch_stats
 from jfusion.methods.barycenter import Barycenter, barycenter_fuse
 from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.methods.fuse import Fusion, fuse, fuse_with
 from jfusion.methods.gromov import GromovWassersteinPlans
 from jfusion.methods.partial import PartialFusion, partial_fuse
 from jfusion.methods.prune import prune
+from jfusion.methods.repair import Repair, repair
 from jfusion.models.widths import module_for, widths_of
 from jfusion.pytrees import take_model
 from jfusion.trace import TraceError, trace_spec
@@ -55,6 +60,7 @@ except PackageNotFoundError:  # a source tree on sys.path, not installed
 __all__ = [
     "Alignment",
     "BalancedPlans",
+    "BarrierResult",
     "Barycenter",
     "ByActivations",
     "ByWeights",
@@ -70,7 +76,10 @@ __all__ = [
     "NnxActivations",
     "OTResult",
     "PartialFusion",
+    "PlanDiagnostics",
     "PlanProducer",
+    "Repair",
+    "ResidualStreamWarning",
     "Sinkhorn",
     "Solver",
     "Spec",
@@ -87,8 +96,12 @@ __all__ = [
     "module_for",
     "partial_fuse",
     "permute",
+    "plan_diagnostics",
+    "plot_interpolation",
     "prune",
     "recalibrate_batch_stats",
+    "repair",
+    "running_statistics",
     "stack_models",
     "take_model",
     "trace_spec",

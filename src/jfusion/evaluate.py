@@ -1,4 +1,4 @@
-"""After fusion: recompute BatchNorm statistics, and measure the loss barrier between models.
+"""After fusion: recompute BatchNorm statistics, measure and plot the barrier between models.
 
 A fused network's BatchNorm running statistics are averages of its parents' (transported
 with their channels), not the statistics of its own activations; recomputing them on a few
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+import os
+from pathlib import Path
+from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from flax import nnx
 from jfusion.core.errors import FusionInputError
 from jfusion.core.nnx import fresh, graphdef_of, is_nnx
 from jfusion.core.tree import PyTree, flatten, unflatten
+from jfusion.workflow.results import save_png
 
 TrainApply = Callable[[PyTree, jax.Array], tuple[Any, PyTree]]
 
@@ -127,27 +130,118 @@ def _recalibrated(update: Callable[[PyTree, PyTree, jax.Array], PyTree], stats: 
     return jax.tree.map(lambda t, k: t / (k * batches.shape[0]), total, kept)
 
 
+class BarrierResult(NamedTuple):
+    """Result of :func:`loss_barrier`: the metrics along the segment and their barriers.
+
+    Attributes:
+      lambdas: the ``(P,)`` interpolation weights, from 0 (model a) to 1 (model b).
+      values: ``{metric: (P,)}`` each metric at every lambda (a metrics function returning
+        one number gives ``{"loss": ...}``).
+      barriers: ``{metric: ()}`` each metric's barrier: how much worse the path gets than the
+        mean of its endpoints (losses: ``max - mean``; accuracies: ``mean - min``).
+    """
+
+    lambdas: jax.Array
+    values: dict[str, jax.Array]
+    barriers: dict[str, jax.Array]
+
+    @property
+    def barrier(self) -> jax.Array:
+        """The loss barrier (the ``"loss"`` metric's, else the first metric's)."""
+        return self.barriers["loss"] if "loss" in self.barriers else next(iter(self.barriers.values()))
+
+
+def _higher_is_better(name: str, names: Collection[str] | None) -> bool:
+    return name in names if names is not None else name.endswith(("accuracy", "acc"))
+
+
 def loss_barrier(
-    loss_fn: Callable[[PyTree], jax.Array],
+    metrics_fn: Callable[[PyTree], jax.Array | Mapping[str, jax.Array]],
     params_a: PyTree,
     params_b: PyTree,
-    num_points: int = 11,
-) -> tuple[jax.Array, jax.Array]:
-    """Loss barrier along the segment between two models (linear mode connectivity).
+    *,
+    num_points: int = 25,
+    higher_is_better: Collection[str] | None = None,
+) -> BarrierResult:
+    """Metrics along the segment between two models, and their barriers (linear mode connectivity).
 
-    ``B = max_t [L((1 - t) a + t b) - ((1 - t) L(a) + t L(b))]`` over ``num_points`` evenly
-    spaced ``t`` in [0, 1] (Frankle et al. 2020; Entezari et al. 2022). A model aligned to
-    another by fusion's plans typically shows a much lower barrier than the raw pair
-    (Akash et al. 2022).
+    Git Re-Basin's protocol (Ainsworth et al. 2023): ``num_points`` evenly spaced
+    ``lambda`` in [0, 1] (25 by default), ``theta(lambda) = (1 - lambda) a + lambda b``, and
+    the barrier ``max_lambda L(theta(lambda)) - (L(a) + L(b)) / 2``; for a metric where
+    higher is better (accuracy) ``(A(a) + A(b)) / 2 - min_lambda A(theta(lambda))``. (Entezari
+    et al. 2022 subtract the straight line between the endpoints instead; the two agree when
+    the endpoints' losses do.) A model aligned to another by fusion's plans typically shows a
+    much lower barrier than the raw pair.
+
+    Args:
+      metrics_fn: ``params -> loss`` or ``params -> {name: value}`` (e.g. loss and accuracy
+        on training and test data). Traced once and mapped over the lambdas.
+      params_a, params_b: the two endpoints (pytrees of one structure).
+      num_points: lambdas, at least 2.
+      higher_is_better: the metric names where higher is better; by default those ending
+        in ``"accuracy"`` or ``"acc"``.
 
     Returns:
-      ``(barrier, losses)`` with ``losses`` the ``(num_points,)`` losses along the segment.
+      A :class:`BarrierResult`; ``.barrier`` is the loss barrier.
+
+    Examples:
+      >>> import jax.numpy as jnp, jfusion
+      >>> a, b = {"w": jnp.array(1.0)}, {"w": jnp.array(-1.0)}
+      >>> result = jfusion.loss_barrier(lambda p: {"loss": 1 - p["w"] ** 2, "accuracy": p["w"] ** 2}, a, b)
+      >>> result.lambdas.shape, round(float(result.barrier), 4), round(float(result.barriers["accuracy"]), 4)
+      ((25,), 1.0, 1.0)
     """
-    ts = jnp.linspace(0.0, 1.0, num_points)
+    if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
+        raise ValueError(f"num_points must be an int >= 2 (the two endpoints at least), not {num_points!r}")
+    lambdas = jnp.linspace(0.0, 1.0, num_points)
 
     def at(t):
-        return loss_fn(jax.tree.map(lambda a, b: (1 - t) * a + t * b, params_a, params_b))
+        values = metrics_fn(jax.tree.map(lambda a, b: (1 - t) * a + t * b, params_a, params_b))
+        values = dict(values) if isinstance(values, Mapping) else {"loss": values}
+        return {name: jnp.asarray(v, jnp.float32).reshape(()) for name, v in values.items()}
 
-    losses = jax.lax.map(at, ts)
-    linear = (1 - ts) * losses[0] + ts * losses[-1]
-    return jnp.max(losses - linear), losses
+    values = jax.lax.map(at, lambdas)
+    barriers = {}
+    for name, v in values.items():
+        ends = (v[0] + v[-1]) / 2
+        barriers[name] = ends - jnp.min(v) if _higher_is_better(name, higher_is_better) else jnp.max(v) - ends
+    return BarrierResult(lambdas, values, barriers)
+
+
+def plot_interpolation(
+    curves: Mapping[str, BarrierResult],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path | None:
+    """Draw interpolation curves (one :class:`BarrierResult` per label) as a PNG at ``path``.
+
+    One panel per metric (the union over the curves, in order of appearance), each curve
+    labelled with its barrier: e.g. ``{"naive": ..., "weights": ..., "activations + repair": ...}``.
+
+    Returns:
+      The path written, or None when matplotlib is not installed (nothing is written).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if not curves:
+        raise ValueError("plot_interpolation needs at least one curve")
+    metrics = list(dict.fromkeys(name for curve in curves.values() for name in curve.values))
+    figure = Figure(figsize=(4.6 * len(metrics), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    for i, metric in enumerate(metrics):
+        axes = figure.add_subplot(1, len(metrics), i + 1)
+        for label, curve in curves.items():
+            if metric in curve.values:
+                barrier = float(curve.barriers[metric])
+                axes.plot(np.asarray(curve.lambdas), np.asarray(curve.values[metric]), marker=".", label=f"{label} (barrier {barrier:.3g})")
+        axes.set_xlabel("lambda (0: model a, 1: model b)")
+        axes.set_ylabel(metric)
+        axes.legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return save_png(figure, path, overwrite)

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from jfusion.core.combine import combine, model_weights, slot_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
-from jfusion.core.errors import ConvergenceWarning, FusionInputError, SpecError
+from jfusion.core.errors import ConvergenceWarning, FusionInputError, ResidualStreamWarning, SpecError
 from jfusion.core.plans import BalancedPlans, Importance, PlanProducer, identity_result
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
@@ -69,6 +69,8 @@ class EngineConfig:
       split_models: their K axis is split over devices (a sharded ``jax.Array``): the
         reference is aligned under the same ``vmap`` too, so K stays sharded (see
         :func:`align_models`).
+      statistics: the paths of running statistics, left out of weight supports
+        (:func:`jfusion.running_statistics`).
     """
 
     spec: Spec
@@ -82,6 +84,7 @@ class EngineConfig:
     reference_treedef: Any
     vectorized: bool
     split_models: bool = False
+    statistics: frozenset[str] = frozenset()
 
     @property
     def num_models(self) -> int:
@@ -202,12 +205,15 @@ def prepare(
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
     stack: bool = True,
+    matches: bool = True,
 ) -> Problem:
     """Validate everything that can be checked before tracing; raise named errors.
 
     ``stack=False`` keeps a list of equal-width models apart (the unrolled path). A method
     whose producer depends on the widths passes ``producer=None`` and then
-    :meth:`Problem.with_producer`.
+    :meth:`Problem.with_producer`. ``matches=False`` says the producer matches no neurons
+    between models (vanilla averaging), so weight alignment's advice on residual streams
+    (:class:`jfusion.ResidualStreamWarning`) does not apply.
     """
     spec = _as_spec(spec)
     alignment = resolve_alignment(alignment)
@@ -256,6 +262,16 @@ def prepare(
                         f"which maps to {e} in the target, but the target has {f} there; "
                         f"ungrouped axes must agree between models"
                     )
+    if matches and num > 1 and not isinstance(alignment, ByActivations) and spec.residual_streams:
+        warnings.warn(
+            f"weight alignment of a model with residual streams {list(spec.residual_streams)}: each "
+            f"stream's map is solved from its first writers (stem, projection shortcuts), which "
+            f"may have moved little from their initialisation, so the matching can be no better "
+            f"than the identity; align by activations (jfusion.ByActivations.from_module(model), "
+            f"inputs=x) and check with jfusion.plan_diagnostics",
+            ResidualStreamWarning,
+            stacklevel=caller_stacklevel(),
+        )
     if isinstance(alignment, ByActivations):
         if inputs is None:
             raise FusionInputError("activation alignment needs inputs=x, a batch to compute activations on")
@@ -279,6 +295,7 @@ def prepare(
         reference_treedef=reference_treedef,
         vectorized=models.stacked is not None,
         split_models=models.stacked is not None and _split_over_devices(models.stacked),
+        statistics=models.statistics,
     )
     arrays = models.stacked if models.stacked is not None else tuple(models.models)
     return Problem(config, arrays, reference_leaves, inputs)
@@ -313,7 +330,9 @@ def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Ar
     if activations is not None:
         features = activation_support(activations, group, widths[group])
     else:
-        features = weight_support(leaves, config.spec, group, widths, maps, solved, config.alignment.outgoing)
+        features = weight_support(
+            leaves, config.spec, group, widths, maps, solved, config.alignment.outgoing, config.statistics
+        )
     if not getattr(config.producer, "relational", False):
         return features
     relation = relation_support(leaves, config.spec, group, widths, maps, solved)

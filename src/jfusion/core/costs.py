@@ -41,6 +41,12 @@ class GroundMetric:
         so pass ``clip_max=5 * epsilon`` with ``Sinkhorn(epsilon, relative_epsilon=None)``
         to reproduce it. Clipping above makes every pair farther than ``clip_max`` equally
         bad, so plans stop telling such pairs apart.
+      identity_prior: ``lam >= 0``: a price on leaving the identity,
+        ``C <- C + lam mean(C) (1 - I)``, for models that share an initialisation
+        (federated rounds), whose neuron ``p`` starts as the target's neuron ``p``: a plan
+        moves a neuron only where that gains more than ``lam`` times the mean cost. For
+        ``n != m`` neurons, ``I`` is ``eye(n, m)``: neuron ``p`` of both keeps its index.
+        Scaled by the mean cost, so it means the same for every group and support.
     """
 
     kind: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"
@@ -48,6 +54,7 @@ class GroundMetric:
     normalize_cost: Literal["max", "mean", "median", "log"] | None = None
     clip_min: float | None = None
     clip_max: float | None = None
+    identity_prior: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("euclidean", "sqeuclidean", "cosine"):
@@ -67,6 +74,8 @@ class GroundMetric:
                 f"GroundMetric.clip_min={self.clip_min} is larger than clip_max={self.clip_max}: "
                 f"the clipped cost would be empty"
             )
+        if not (isinstance(self.identity_prior, (int, float)) and 0.0 <= self.identity_prior < float("inf")):
+            raise ValueError(f"GroundMetric.identity_prior must be a finite number >= 0, not {self.identity_prior!r}")
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """Cost matrix ``(n, m)`` between supports ``x (n, d)`` and ``y (m, d)``."""
@@ -99,6 +108,9 @@ class GroundMetric:
             cost = jnp.log1p(cost)
         if self.clip_min is not None or self.clip_max is not None:
             cost = jnp.clip(cost, self.clip_min, self.clip_max)
+        if self.identity_prior:
+            off_identity = 1.0 - jnp.eye(*cost.shape, dtype=cost.dtype)
+            cost = cost + self.identity_prior * jnp.mean(cost) * off_identity
         return cost
 
 

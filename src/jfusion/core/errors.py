@@ -22,3 +22,13 @@ class FusionInputError(JFusionError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped at its iteration cap before reaching its tolerance."""
+
+
+class ResidualStreamWarning(UserWarning):
+    """Weight alignment of a model with residual streams (:attr:`jfusion.Spec.residual_streams`).
+
+    A stream's map is solved from its first writers' weights (the stem, the projection
+    shortcuts), which after a short training run are still close to their random
+    initialisation, so the matching can be no better than chance; activation alignment
+    compares what the neurons compute instead.
+    """

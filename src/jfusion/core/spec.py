@@ -258,6 +258,11 @@ class Spec:
         object.__setattr__(self, "_readers", readers)
         object.__setattr__(self, "_of", {g: tuple(l for l in items if g in l.groups) for g in names})
         object.__setattr__(self, "_hash", hash(self.leaves))
+        sources = {
+            g: {leaf.input_groups for leaf in writers[g] if len(leaf.dims) > 1 and g not in leaf.input_groups}
+            for g in names
+        }
+        object.__setattr__(self, "_streams", tuple(g for g in self.groups if len(sources[g]) > 1))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Spec) and self.leaves == other.leaves
@@ -290,6 +295,20 @@ class Spec:
     def readers(self, group: str) -> tuple[LeafSpec, ...]:
         """Leaves that carry ``group`` on an input dim: its outgoing weights."""
         return self._readers[group]
+
+    @property
+    def residual_streams(self) -> tuple[str, ...]:
+        """The groups that are residual streams: summed outputs of layers reading different groups.
+
+        A group is a stream when its incoming kernels (writers with dims besides the group;
+        not biases or norms, and not recurrent kernels reading the group itself) read more
+        than one set of input groups: a ResNet stage's stream is written by the stem or a
+        projection and by every block's last conv, each from its own inputs. An LSTM's gates
+        all read the same inputs, so a recurrent layer is not one. Weight alignment solves a
+        stream from its first writers alone (the group order), the stem and the 1x1
+        shortcuts, which a short training run moves least: align such models by activations.
+        """
+        return self._streams
 
     def leaves_of(self, group: str) -> tuple[LeafSpec, ...]:
         """Every leaf that carries ``group``."""

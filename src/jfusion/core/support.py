@@ -314,16 +314,22 @@ def weight_support(
     maps: Mapping[str, GroupMap],
     solved: Collection[str],
     outgoing: bool,
+    statistics: Collection[str] = frozenset(),
 ) -> jax.Array:
     """``(n, d)`` weight support of ``group`` for one model.
 
     ``maps`` transports this model's other groups into the target basis (empty for the
     target itself); ``solved`` names the groups that have a plan, so the model and the target
-    use the same leaves and the same feature layout.
+    use the same leaves and the same feature layout. ``statistics`` are the paths of running
+    statistics (:func:`jfusion.running_statistics`): data moments, not weights, so
+    they never enter a support -- a BatchNorm's running variance can dwarf every kernel row
+    and decide the matching alone -- though they are transported like any other leaf.
     """
     parts = []
     readers = spec.readers(group) if outgoing else ()
     for leaf in spec.writers(group) + readers:
+        if leaf.path in statistics:
+            continue
         groups = leaf.dim_groups
         along = len(groups) - 1 if leaf.output_group == group else groups.index(group)
         others = [i for i, g in enumerate(groups) if g is not None and i != along]

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jfusion.core.errors import FusionInputError
 
@@ -53,6 +54,23 @@ def module_path(path: str) -> str:
     return "/".join(parts)
 
 
+def running_statistics(tree: PyTree) -> frozenset[str]:
+    """The paths of ``tree``'s running statistics: data moments, not weights.
+
+    A linen variable dict keeps them in its ``batch_stats`` collection; an ``nnx.State``
+    marks them by their variable type, ``nnx.BatchStat`` (nnx.BatchNorm's ``mean`` and
+    ``var``), which its paths do not show. So spec authors label BatchNorm's four leaves
+    once, alike, and jfusion tells the statistics apart from the tree itself: they are
+    transported with their channels but never compared as weights.
+    """
+    with_paths = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return frozenset(
+        path_string(keypath)
+        for keypath, leaf in with_paths
+        if isinstance(leaf, nnx.BatchStat) or (keypath and _key_name(keypath[0]) == "batch_stats")
+    )
+
+
 def flatten(tree: PyTree) -> tuple[dict[str, Any], Any]:
     """``{path: leaf}`` in flattening order, and the treedef that rebuilds the tree."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -88,7 +106,8 @@ class ModelStack:
     (so ``vmap`` can map per-model work over them); otherwise ``models`` holds one dict per model.
     ``stack=False`` keeps a list of models apart even when their shapes agree (the tests
     compare the two paths). ``dtypes[k]`` are model k's leaf dtypes as given (stacking
-    would promote them to a common one).
+    would promote them to a common one); ``statistics`` are the paths of the running
+    statistics (:func:`running_statistics`; one structure, so the first model's).
     """
 
     def __init__(self, params_list: PyTree | Sequence[PyTree], what: str = "params_list", stack: bool = True):
@@ -114,6 +133,7 @@ class ModelStack:
                         f"{first_difference(params_list[0], params)}"
                     )
                 flats.append(leaves)
+            self.statistics = running_statistics(params_list[0])
             self.num_models = len(flats)
             self.dtypes = [{p: jnp.result_type(x) for p, x in flat.items()} for flat in flats]
             same_shapes = all(
@@ -141,6 +161,7 @@ class ModelStack:
             if num == 0:
                 raise FusionInputError(f"{what} has a model axis of size 0: fusion needs K >= 1")
             self.num_models = num
+            self.statistics = running_statistics(params_list)
             self.dtypes = [{p: jnp.result_type(x) for p, x in leaves.items()}] * num
             self.stacked = {p: jnp.asarray(x) for p, x in leaves.items()}
             self.models = None

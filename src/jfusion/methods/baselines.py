@@ -73,7 +73,7 @@ def vanilla_average(
         )
     if spec is None:
         spec = Spec({p: (None,) * len(shape) for p, shape in models.shapes(0).items()})
-    fused, out = run(prepare(params_list, spec, IdentityPlans()), model_weights)
+    fused, out = run(prepare(params_list, spec, IdentityPlans(), matches=False), model_weights)
     return Fusion(fused, out.plans)
 
 

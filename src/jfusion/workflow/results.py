@@ -218,6 +218,12 @@ def write_chart(
     axes.set_title(title, fontsize=9)
     kinds = [kind for kind in COLOURS if any(k == kind for _, _, k in bars)]
     axes.legend(handles=[Patch(color=COLOURS[k], label=k) for k in kinds], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return save_png(figure, path, overwrite)
+
+
+def save_png(figure: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a matplotlib figure as a PNG, atomically, marked as jfusion's (its ``Software``
+    text), so a later ``overwrite=True`` may replace it and nothing else."""
     software = f"jfusion {_version('jfusion') or ''}".strip()
     return _atomic_write(
         Path(path), lambda file: figure.savefig(file, format="png", dpi=110, metadata={"Software": software}), overwrite
