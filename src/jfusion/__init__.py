@@ -11,7 +11,9 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
   :func:`barycenter_fuse`.
 * Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
   :func:`partial_fuse`, :func:`prune`.
-* Alignment by :class:`ByWeights` (default) or :class:`ByActivations`.
+* Alignment by :class:`ByWeights` (default), :class:`ByActivations`, or
+  :class:`WeightMatching` (Git Re-Basin's coordinate descent over all groups) --
+  Ainsworth, Hayase & Srinivasa, ICLR 2023.
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`.
 * Baselines: :func:`vanilla_average`, :func:`ensemble_apply`.
 * Layer topology: :class:`Spec`, traced from the model by :func:`trace_spec` or written by
@@ -33,6 +35,7 @@ from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionErr
 from jfusion.core.plans import BalancedPlans, PlanProducer
 from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
 from jfusion.core.spec import LeafSpec, Spec
+from jfusion.core.matching import WeightMatching
 from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
 from jfusion.core.tree import stack_models, unstack_models
 from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
@@ -73,6 +76,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "TraceError",
+    "WeightMatching",
     "align",
     "barycenter_fuse",
     "check_spec",
