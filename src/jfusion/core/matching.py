@@ -57,7 +57,8 @@ class WeightMatching:
     kept only when it raises that similarity by more than ``tolerance`` times its current
     value. Matching stops after an iteration that changes nothing (``converged``) or after
     ``max_iterations``; each group's :class:`jfusion.OTResult` reports the iteration
-    count, the convergence, and as ``cost`` ``<-S_g, plan>`` at the final permutations.
+    count, the convergence, and as ``cost`` ``<-S_g, plan>`` at the group's last visit
+    (at the final permutations, once converged: the last iteration changed nothing).
 
     Runs inside the fused program: a ``lax.while_loop`` over iterations, vectorised over
     the K models (every model runs until all have converged; the count is each model's
@@ -77,7 +78,7 @@ class WeightMatching:
     Examples:
       >>> import jax, jax.numpy as jnp, jfusion
       >>> from jfusion.models import MLP, mlp_spec
-      >>> model, x, spec = MLP((8, 8, 3)), jnp.ones((1, 4)), mlp_spec(3)  # 4 -> 8 -> 8 -> 3
+      >>> model, x, spec = MLP((16, 16, 3)), jnp.ones((1, 4)), mlp_spec(3)  # 4 -> 16 -> 16 -> 3
       >>> params = model.init(jax.random.key(0), x)
       >>> shuffled, _ = jfusion.permute(params, spec, jax.random.key(1))
       >>> result = jfusion.fuse([params, shuffled], spec, alignment=jfusion.WeightMatching())
@@ -178,13 +179,9 @@ class WeightMatching:
         views = {p: jax.vmap(lambda x, leaf=spec[p]: _view(x, leaf, widths))(models[p]) for p in paths}
         num = next(iter(views.values())).shape[0]
 
-        def similarity(group, src):
-            """``(K, n, n)``: ``S_g`` of every model under the permutations ``src``."""
+        def step(index, group, src, values, changed):
             perms = dict(zip(groups, src))
-            return jax.vmap(lambda v, p: _similarity(touched[group], ref_views, v, p, widths[group]))(views, perms)
-
-        def step(index, group, src, changed):
-            s = similarity(group, src)
+            s = jax.vmap(lambda v, p: _similarity(touched[group], ref_views, v, p, widths[group]))(views, perms)
             n = widths[group]
             # Cost rows are the model's neurons, columns the reference's: C[j, i] = -S[i, j].
             result = jax.vmap(lambda c: solver(c, uniform(n), uniform(n)))(-jnp.swapaxes(s, 1, 2))
@@ -192,8 +189,9 @@ class WeightMatching:
             current = src[index]
             old, new = _matched(s, current), _matched(s, proposed)
             better = (new - old > self.tolerance * jnp.abs(old)) & jnp.any(proposed != current, axis=1)
-            src = src[:index] + (jnp.where(better[:, None], proposed, current),) + src[index + 1 :]
-            return src, changed | better
+            src = _replaced(src, index, jnp.where(better[:, None], proposed, current))
+            values = _replaced(values, index, jnp.where(better, new, old))
+            return src, values, changed | better
 
         branches = [
             (lambda state, i=i, g=g: step(i, g, *state)) for i, g in enumerate(groups)
@@ -201,27 +199,27 @@ class WeightMatching:
         key = jax.random.key(self.seed)
 
         def one_iteration(state):
-            t, src, done, iterations = state
+            t, src, values, done, iterations = state
             order = jax.random.permutation(jax.random.fold_in(key, t), len(groups))
-            src, changed = jax.lax.fori_loop(
-                0, len(groups), lambda i, s: jax.lax.switch(order[i], branches, s), (src, jnp.zeros((num,), bool))
+            src, values, changed = jax.lax.fori_loop(
+                0, len(groups), lambda i, s: jax.lax.switch(order[i], branches, s), (src, values, jnp.zeros((num,), bool))
             )
             iterations = jnp.where(done, iterations, t + 1)
-            return t + 1, src, done | ~changed, iterations
+            return t + 1, src, values, done | ~changed, iterations
 
         def going(state):
-            t, _, done, _ = state
+            t, *_, done, _ = state
             return (t < self.max_iterations) & ~jnp.all(done)
 
         identity = tuple(jnp.broadcast_to(jnp.arange(widths[g], dtype=jnp.int32), (num, widths[g])) for g in groups)
-        start = (jnp.int32(0), identity, jnp.zeros((num,), bool), jnp.zeros((num,), jnp.int32))
-        _, src, done, iterations = jax.lax.while_loop(going, one_iteration, start)
+        values = tuple(jnp.zeros((num,), jnp.float32) for _ in groups)
+        start = (jnp.int32(0), identity, values, jnp.zeros((num,), bool), jnp.zeros((num,), jnp.int32))
+        _, src, values, done, iterations = jax.lax.while_loop(going, one_iteration, start)
         results = {}
-        for group, perm in zip(groups, src):
+        for group, perm, value in zip(groups, src, values):
             n = widths[group]
             plan = jnp.swapaxes(jax.nn.one_hot(perm, n, dtype=jnp.float32), 1, 2) / n  # [model j, ref i]
-            cost = -_matched(similarity(group, src), perm) / n
-            results[group] = OTResult(plan, cost, done, iterations)
+            results[group] = OTResult(plan, -value / n, done, iterations)
         return results
 
 
@@ -260,6 +258,10 @@ def _similarity(touched, ref_views, views, src, n: int) -> jax.Array:
         b = jnp.moveaxis(_permuted(views[leaf.path], leaf, src, dim), dim, 0).reshape(n, -1)
         s = s + jnp.matmul(a, b.T, precision=_HIGHEST)
     return s
+
+
+def _replaced(items: tuple, index: int, item) -> tuple:
+    return items[:index] + (item,) + items[index + 1 :]
 
 
 def _matched(s: jax.Array, src: jax.Array) -> jax.Array:
