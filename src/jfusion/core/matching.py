@@ -2,14 +2,14 @@
 
 For a reference ``A`` and a model ``B`` of the same widths, weight matching looks for one
 permutation ``P_g`` per group maximising the inner product of the reference with the
-permuted model, summed over every leaf ``L``:
+permuted model, summed over every leaf ``L``::
 
     max_P  sum_L < A_L, B_L permuted by P_g on every axis carrying group g >
 
 (for a Dense kernel between groups ``g`` and ``h``, ``<W_A, P_g W_B P_h^T>``; for a
 recurrent kernel, ``<H_A, P_g H_B P_g^T>``). The problem is NP-hard in general; Ainsworth
 et al.'s Algorithm 1 solves it for one group at a time with the others fixed. Fixing every
-``P_h`` (h != g), the objective is linear in ``P_g``:
+``P_h`` (h != g), the objective is linear in ``P_g``::
 
     S_g[i, j] = sum_{(L, d): axis d of L carries g}  < A_L[i along d],  B_L'[j along d] >
 
