@@ -84,8 +84,9 @@ class WeightMatching:
       >>> result = jfusion.fuse([params, shuffled], spec, alignment=jfusion.WeightMatching())
       >>> bool(jnp.allclose(result.params["params"]["Dense_1"]["kernel"], params["params"]["Dense_1"]["kernel"], atol=1e-6))
       True
-      >>> result.plans["h0"].iterations, result.plans["h0"].converged  # model 1: one pass, then one that changes nothing
-      (Array([0, 2], dtype=int32), Array([ True,  True], dtype=bool))
+      >>> plans = result.plans["h0"]  # model 1 took iterations[1] passes, the last changing nothing
+      >>> bool(plans.converged.all()), int(plans.iterations[0]), int(plans.iterations[1]) >= 2  # the target: none
+      (True, 0, True)
 
     References:
       - Samuel K. Ainsworth, Jonathan Hayase and Siddhartha Srinivasa. *Git Re-Basin: Merging
