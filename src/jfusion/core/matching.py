@@ -16,7 +16,9 @@ et al.'s Algorithm 1 solves it for one group at a time with the others fixed. Fi
 where ``B_L'`` is ``B_L`` permuted on all its other group axes (a recurrent leaf's other
 axis by the current ``P_g``, which linearises ``P W P^T`` there). ``P_g`` is then the
 linear assignment maximising ``sum_i S_g[i, sigma(i)]`` (an exact solver on the cost
-``-S_g``). Each iteration visits the groups in a fresh random order; it stops when an
+``-S_g``), kept when it raises the objective: for a recurrent group the objective itself is
+evaluated, since the linearisation's optimum need not raise it (and steps by it alone can
+cycle). Each iteration visits the groups in a fresh random order; it stops when an
 iteration changes no permutation or at the iteration cap.
 
 Unlike OTFusion's forward pass (:class:`jfusion.ByWeights`), every group is compared by all
@@ -58,7 +60,8 @@ class WeightMatching:
     value. Matching stops after an iteration that changes nothing (``converged``) or after
     ``max_iterations``; each group's :class:`jfusion.OTResult` reports the iteration
     count, the convergence, and as ``cost`` ``<-S_g, plan>`` at the group's last visit
-    (at the final permutations, once converged: the last iteration changed nothing).
+    (for a recurrent group, minus its leaves' objective over ``n``), which is at the final
+    permutations once converged (the last iteration changed nothing).
 
     Runs inside the fused program: a ``lax.while_loop`` over iterations, vectorised over
     the K models (every model runs until all have converged; the count is each model's
@@ -188,7 +191,16 @@ class WeightMatching:
             result = jax.vmap(lambda c: solver(c, uniform(n), uniform(n)))(-jnp.swapaxes(s, 1, 2))
             proposed = jnp.argmax(result.plan, axis=1).astype(jnp.int32)  # ref i <- model neuron proposed[i]
             current = src[index]
-            old, new = _matched(s, current), _matched(s, proposed)
+            if _is_recurrent(group, touched[group]):
+                # S is linear in P_g only with P_g fixed on the leaves' other g axes: judge the
+                # proposal by the objective itself, so every accepted step raises it (no cycles).
+                leaves = tuple(dict.fromkeys(leaf for leaf, _ in touched[group]))
+                old, new = (
+                    jax.vmap(lambda v, p: _objective(leaves, ref_views, v, p))(views, {**perms, group: perm})
+                    for perm in (current, proposed)
+                )
+            else:
+                old, new = _matched(s, current), _matched(s, proposed)
             better = (new - old > self.tolerance * jnp.abs(old)) & jnp.any(proposed != current, axis=1)
             src = _replaced(src, index, jnp.where(better[:, None], proposed, current))
             values = _replaced(values, index, jnp.where(better, new, old))
@@ -243,7 +255,17 @@ def _view(x: jax.Array, leaf: LeafSpec, widths: Mapping[str, int]) -> jax.Array:
     return x.astype(jnp.float32).reshape(leaf.view_shape(x.shape, widths))
 
 
-def _permuted(v: jax.Array, leaf: LeafSpec, src: Mapping[str, jax.Array], skip: int) -> jax.Array:
+def _is_recurrent(group: str, touched) -> bool:
+    """Whether a leaf carries ``group`` on two dims (a recurrent kernel ``(g, g)``)."""
+    return any(leaf.dim_groups.count(group) > 1 for leaf, _ in touched)
+
+
+def _objective(leaves, ref_views, views, src) -> jax.Array:
+    """``sum_L <A_L, B_L permuted on every grouped dim>`` over ``leaves``."""
+    return sum(jnp.vdot(ref_views[leaf.path], _permuted(views[leaf.path], leaf, src), precision=_HIGHEST) for leaf in leaves)
+
+
+def _permuted(v: jax.Array, leaf: LeafSpec, src: Mapping[str, jax.Array], skip: int | None = None) -> jax.Array:
     """``v`` with every grouped dim but ``skip`` reordered: new index ``i`` is old ``src[g][i]``."""
     for dim, g in enumerate(leaf.dim_groups):
         if g is not None and dim != skip:
