@@ -65,7 +65,8 @@ def fuse(
       spec: the layer topology (:class:`jfusion.Spec`, or the dict it is built from).
       solver: ``"exact"`` (default), ``"sinkhorn"`` or a solver object
         (:class:`jfusion.Exact`, :class:`jfusion.Sinkhorn`).
-      alignment: ``"weights"``, :class:`jfusion.ByWeights` or :class:`jfusion.ByActivations`.
+      alignment: ``"weights"``, :class:`jfusion.ByWeights`, :class:`jfusion.ByActivations` or
+        :class:`jfusion.WeightMatching` (Git Re-Basin; equal widths, exact solver).
       metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
       model_weights: the weights ``w_k`` (K,), normalised to sum to one; uniform by default.
       target: index of the model to align onto, or a params pytree of the target
