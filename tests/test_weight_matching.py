@@ -79,6 +79,10 @@ def test_three_permuted_copies_and_an_nnx_state():
     np.testing.assert_allclose(MLP3.apply(result.params, x), MLP3.apply(variables, x), atol=1e-5, rtol=1e-5)
     assert result.plans["h0"].plan.shape == (3, 16, 16)
 
+    # Barycenter fusion aligns onto its own estimate (a pytree target) by the same matching.
+    barycenter = jfusion.barycenter_fuse([variables, copies[0][0]], spec, alignment=jfusion.WeightMatching())
+    assert bool(barycenter.converged) and max_tree_difference(barycenter.params, variables) < 1e-6
+
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.first, self.second, self.out = nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs), nnx.Linear(5, 2, rngs=rngs)
