@@ -8,6 +8,12 @@ A network is a list of ``(kernel, bias)`` in Flax layout -- Dense ``(in, out)``,
 ``(H, W, in, out)`` -- where each layer reads the previous one's output features; a Dense
 after a Conv reads the flattened ``(positions, channels)`` feature map. The last layer's
 outputs are not aligned.
+
+``importance="l1"`` / ``"l2"`` is OTFusion's ``--importance``: each neuron's mass is the norm
+of its support row plus 1e-9 (OTFusion's ``_get_neuron_importance_histogram``), normalised to
+sum to one, on both sides. The row is the neuron's past-corrected incoming weights and bias,
+as jfusion's support (OTFusion's models have no biases, and it takes the uncorrected kernel,
+the same norm when the previous plan is a permutation).
 """
 
 from __future__ import annotations
@@ -29,9 +35,14 @@ def _input_corrected(kernel: np.ndarray, to_input: np.ndarray, channels: int) ->
     return np.moveaxis(np.tensordot(kernel, to_input, axes=([-2], [0])), -1, -2)
 
 
-def _plan(cost: np.ndarray, solver: str, epsilon: float, threshold: float) -> np.ndarray:
-    n, m = cost.shape
-    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+def _measure(rows: np.ndarray, importance: str) -> np.ndarray:
+    if importance == "uniform":
+        return np.full(len(rows), 1.0 / len(rows))
+    mass = np.linalg.norm(rows, ord=1 if importance == "l1" else 2, axis=1) + 1e-9
+    return mass / mass.sum()
+
+
+def _plan(cost: np.ndarray, a: np.ndarray, b: np.ndarray, solver: str, epsilon: float, threshold: float) -> np.ndarray:
     if solver == "exact":
         return ot.emd(a, b, cost)
     return ot.sinkhorn(
@@ -45,6 +56,7 @@ def fuse_layers(
     epsilon: float = 0.01,
     threshold: float = 1e-4,
     target: int = 0,
+    importance: Literal["uniform", "l1", "l2"] = "uniform",
 ) -> list[Layer]:
     """Fuse K networks onto model ``target``'s neurons with uniform model weights."""
     num_models, num_layers = len(models), len(models[target])
@@ -69,7 +81,7 @@ def fuse_layers(
             else:
                 rows = np.concatenate([kernel.reshape(-1, n).T, bias[:, None]], 1)
                 cost = np.sqrt(np.maximum(ot.dist(rows, target_rows, metric="sqeuclidean"), 0.0))
-                plan = _plan(cost, solver, epsilon, threshold)
+                plan = _plan(cost, _measure(rows, importance), _measure(target_rows, importance), solver, epsilon, threshold)
             to_output = plan / plan.sum(0, keepdims=True)
             to_input[k] = plan / plan.sum(1, keepdims=True)
             aligned.append((np.tensordot(kernel, to_output, axes=([-1], [0])), bias @ to_output))

@@ -51,7 +51,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|flax|nnx|nn|np|numpy|optax|ott|typing|collections\.abc|dataclasses|enum)(\..*)?"),
     (r"py:.*", r"(Array|PyTree|Any|Callable|Sequence|Mapping|Iterable|Collection|Literal|Protocol|NamedTuple|Hashable)"),
-    (r"py:.*", r"(Entry|Entries|Dim|Points|AlignmentMethod|TrainApply|Model|Variables|Subset|Progress|Layer|CellKind)"),
+    (r"py:.*", r"(Entry|Entries|Dim|Points|AlignmentMethod|Importance|TrainApply|Model|Variables|Subset|Progress|Layer|CellKind)"),
     (r"py:class", r"(optional|callable|float|int|str|bool|tuple|list|dict|None|ValueError|UserWarning|Exception)"),
 ]
 

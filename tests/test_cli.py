@@ -73,11 +73,13 @@ def test_train_writes_one_checkpoint_per_seed_with_spec_and_metadata(parents):
         ([], {}),
         # One case for the rest: each new solver or target compiles another program.
         (
-            ["--solver", "sinkhorn", "--epsilon", "0.05", "--weights", "1", "2", "1", "--target", "1"],
-            {"solver": jfusion.Sinkhorn(epsilon=0.05), "model_weights": [1.0, 2.0, 1.0], "target": 1},
+            ["--solver", "sinkhorn", "--epsilon", "0.05", "--tau-a", "0.9", "--importance", "l1",
+             "--weights", "1", "2", "1", "--target", "1"],
+            {"solver": jfusion.Sinkhorn(epsilon=0.05, tau_a=0.9), "importance": "l1",
+             "model_weights": [1.0, 2.0, 1.0], "target": 1},
         ),
     ],
-    ids=["exact", "sinkhorn-weights-target"],
+    ids=["exact", "sinkhorn-unbalanced-importance-weights-target"],
 )
 def test_fuse_writes_what_jfusion_fuse_computes(parents, tmp_path, flags, kwargs):
     paths, _ = parents
@@ -95,6 +97,8 @@ def test_fuse_writes_what_jfusion_fuse_computes(parents, tmp_path, flags, kwargs
     assert record["parents"] == [str(p.resolve()) for p in paths]
     assert record["solver"] == ("sinkhorn" if "--solver" in flags else "exact")
     assert record["weights"] == kwargs.get("model_weights") and record["target"] == target
+    assert record["importance"] == kwargs.get("importance", "uniform")
+    assert record["tau_a"] == (0.9 if "--tau-a" in flags else None) and record["tau_b"] is None
 
 
 def test_train_then_fuse_by_activations_and_evaluate(parents, tmp_path, capsys):

@@ -133,6 +133,11 @@ BAD_FUSE = {
     "trace-and-spec": (["--trace-spec", "--spec", "mlp"], "--trace-spec reads the spec off the model"),
     "unknown-spec": (["--spec", "resnet99"], "unknown model 'resnet99'"),
     "epsilon": (["--solver", "sinkhorn", "--epsilon", "0"], "Sinkhorn.epsilon must be a finite number > 0"),
+    "tau-zero": (["--solver", "sinkhorn", "--tau-a", "0"], "Sinkhorn.tau_a must be a number in (0, 1]"),
+    "tau-above-one": (["--solver", "sinkhorn", "--tau-b", "1.5"], "Sinkhorn.tau_b must be a number in (0, 1]"),
+    "tau-exact": (["--tau-a", "0.5"], "--tau-a is unbalanced Sinkhorn's marginal penalty; it needs --solver sinkhorn"),
+    "importance-exact": (["--importance", "l1"], "--importance l1 gives non-uniform marginals"),
+    "importance-unknown": (["--importance", "l3"], "argument --importance: invalid choice: 'l3'"),
 }
 
 

@@ -19,6 +19,7 @@ MODULES = [
     "jfusion.methods.fuse",
     "jfusion.methods.partial",
     "jfusion.methods.barycenter",
+    "jfusion.methods.gromov",
     "jfusion.methods.prune",
     "jfusion.methods.baselines",
 ]

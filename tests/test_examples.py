@@ -31,7 +31,7 @@ def test_recurrent_fusion_quick(tmp_path):
     for cell, rows in blob["data"].items():
         by_name = {r["name"]: r["accuracy"] for r in rows}
         assert {"vanilla average", "ensemble (logit average)", "OT, weights, 2 sweeps (+ hidden-to-hidden)",
-                "OT, activations (100 images)"} <= set(by_name), cell
+                "GWB, alpha=0.5 (fused Gromov-Wasserstein barycenter)", "OT, activations (100 images)"} <= set(by_name), cell
         assert all(0.0 <= a <= 1.0 for accs in by_name.values() for a in accs)
         parents = [accs[0] for name, accs in by_name.items() if name.startswith("parent")]
         assert len(parents) == 2 and min(parents) > 0.2, parents  # chance is 0.1
@@ -110,3 +110,19 @@ def test_partial_fusion_quick(tmp_path):
     (again / "partial_fusion_numbers.json").write_text((tmp_path / "partial_fusion_numbers.json").read_text())
     partial_fusion.main(["--report-only", "--out", str(again)])
     assert numbers(again, "partial_fusion")["tables"] == blob["tables"]
+
+
+def test_federated_quick(tmp_path):
+    import federated
+
+    federated.main(["--quick", "--out", str(tmp_path)])
+    blob = numbers(tmp_path, "federated")
+    assert (tmp_path / "federated.png").is_file()
+    rounds = blob["settings"]["rounds"]
+    for title, result in blob["data"].items():
+        assert set(result["curves"]) == {"FedAvg", "OT fusion (exact)"}, title
+        assert all(len(curve) == rounds and all(0.0 <= a <= 1.0 for a in curve) for curve in result["curves"].values())
+        assert all(row["all_converged"] for row in result["table"])
+        fedavg, ot, partial = result["one_shot"]
+        assert fedavg["widths"] == ot["widths"] and partial["params"] > fedavg["params"]
+        assert max(result["curves"]["FedAvg"]) > 0.2, title  # chance is 0.1

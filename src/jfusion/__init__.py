@@ -8,7 +8,8 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
 * OT fusion -- Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020:
   :func:`fuse`, :func:`align`.
 * Wasserstein-barycenter fusion into any widths -- Akash, Li & García Trillos 2022:
-  :func:`barycenter_fuse`.
+  :func:`barycenter_fuse`; their Gromov-Wasserstein barycenter of recurrent networks with
+  ``producer=GromovWassersteinPlans(...)``.
 * Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
   :func:`partial_fuse`, :func:`prune`.
 * Alignment by :class:`ByWeights` (default), :class:`ByActivations`, or
@@ -42,6 +43,7 @@ from jfusion.evaluate import loss_barrier, recalibrate_batch_stats
 from jfusion.methods.barycenter import Barycenter, barycenter_fuse
 from jfusion.methods.baselines import ensemble_apply, vanilla_average
 from jfusion.methods.fuse import Fusion, fuse, fuse_with
+from jfusion.methods.gromov import GromovWassersteinPlans
 from jfusion.methods.partial import PartialFusion, partial_fuse
 from jfusion.methods.prune import prune
 from jfusion.models.widths import module_for, widths_of
@@ -63,6 +65,7 @@ __all__ = [
     "Exact",
     "Fusion",
     "FusionInputError",
+    "GromovWassersteinPlans",
     "GroundMetric",
     "JFusionError",
     "LeafSpec",

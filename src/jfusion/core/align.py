@@ -35,13 +35,15 @@ from jfusion.core.combine import combine, model_weights, slot_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
 from jfusion.core.errors import ConvergenceWarning, FusionInputError, SpecError
 from jfusion.core.matching import WeightMatching, warn_capped
-from jfusion.core.plans import BalancedPlans, PlanProducer, identity_result
+from jfusion.core.plans import BalancedPlans, Importance, PlanProducer, identity_result
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import (
     AlignmentMethod,
     ByActivations,
+    RelationalSupport,
     activation_support,
+    relation_support,
     resolve_alignment,
     weight_support,
 )
@@ -309,10 +311,15 @@ def _steps(config: EngineConfig):
             yield group, frozenset(groups if sweep else groups[:i])
 
 
-def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Array:
+def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Array | RelationalSupport:
     if activations is not None:
-        return activation_support(activations, group, widths[group])
-    return weight_support(leaves, config.spec, group, widths, maps, solved, config.alignment.outgoing)
+        features = activation_support(activations, group, widths[group])
+    else:
+        features = weight_support(leaves, config.spec, group, widths, maps, solved, config.alignment.outgoing)
+    if not getattr(config.producer, "relational", False):
+        return features
+    relation = relation_support(leaves, config.spec, group, widths, maps, solved)
+    return features if relation is None else RelationalSupport(features, relation)
 
 
 def _record(results, maps, group, result, width) -> None:
@@ -509,6 +516,7 @@ def align(
     solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
+    importance: Importance = "uniform",
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
 ) -> Alignment:
@@ -516,7 +524,8 @@ def align(
 
     For each group ``l`` in topological order and each model ``k``: supports ``X_k`` (rows
     of the incoming weights after past correction, or activations on ``inputs``) and ``Y``
-    of the target; cost ``C = d(X_k, Y)``; plan ``T_k = OT(1/n_k, 1/m, C)``; then every
+    of the target; cost ``C = d(X_k, Y)``; plan ``T_k = OT(mu(X_k), mu(Y), C)`` (``1/n_k``, ``1/m``
+    unless ``importance``); then every
     leaf is transported, output dims by ``T diag(1/beta)`` and input dims by
     ``diag(1/alpha) T``.
 
@@ -528,13 +537,17 @@ def align(
       alignment: ``"weights"``, :class:`jfusion.ByWeights`, :class:`jfusion.ByActivations` or
         :class:`jfusion.WeightMatching` (Git Re-Basin; equal widths, exact solver).
       metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
+      importance: the neurons' masses: ``"uniform"`` (default) or ``"l1"`` / ``"l2"``, OTFusion's
+        importance (mass proportional to the norm of each neuron's support row, on the
+        models' and the target's side; see :class:`jfusion.BalancedPlans`). Needs
+        ``solver=jfusion.Sinkhorn()``.
       target: index of the model to align onto, or a params pytree of the target
         architecture (other widths: fusing into a smaller or larger model).
       inputs: the batch activation alignment runs on.
 
     Reference: Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
     """
-    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
+    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
     problem = prepare(params_list, spec, producer, alignment=alignment, target=target, inputs=inputs)
     _, out = run(problem)
     return Alignment(unflatten(problem.config.reference_treedef, {p: out.aligned[p] for p, _ in problem.config.dtypes}), out.plans)

@@ -2,13 +2,15 @@
 
 ``C[p, q] = d(x_p, y_q)`` between neuron supports (rows of ``x`` and ``y``). OTFusion
 (Singh & Jaggi 2020, §4) uses the Euclidean distance; its code also offers squared and
-cosine distances, normalising every support row, and normalising the cost matrix by its
-max, mean or median. All of these are options here.
+cosine distances, normalising every support row, transforming the cost matrix
+(``log(1 + C)``, its default, or dividing it by its max, mean or median) and clipping it.
+All of these are options here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -27,19 +29,44 @@ class GroundMetric:
       normalize_supports: scale every support row to unit norm first (compares neurons by
         direction, not magnitude).
       normalize_cost: divide the cost matrix by its ``"max"``, ``"mean"`` or ``"median"``
-        (None keeps raw costs). Only the scale changes, so exact plans are unaffected;
-        it makes an absolute Sinkhorn epsilon meaningful.
+        (only the scale changes, so exact plans are unaffected; it makes an absolute
+        Sinkhorn epsilon meaningful), or ``"log"``: ``C <- log(1 + C)`` (``log1p``, OTFusion's
+        default ``--ground-metric-normalize log``), a monotone but non-linear map that
+        compresses large costs, so it can change exact plans as well as Sinkhorn's. None
+        keeps raw costs.
+      clip_min, clip_max: clamp the (normalised) cost to ``[clip_min, clip_max]`` (None: no
+        bound), after ``normalize_cost`` as in OTFusion's ``--clip-gm``. OTFusion states its
+        bounds in units of the Sinkhorn regularisation (it clamps ``C`` to
+        ``[reg * clip_min, reg * clip_max]``, defaults 0 and 5); here they are cost values,
+        so pass ``clip_max=5 * epsilon`` with ``Sinkhorn(epsilon, relative_epsilon=None)``
+        to reproduce it. Clipping above makes every pair farther than ``clip_max`` equally
+        bad, so plans stop telling such pairs apart.
     """
 
     kind: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"
     normalize_supports: bool = False
-    normalize_cost: Literal["max", "mean", "median"] | None = None
+    normalize_cost: Literal["max", "mean", "median", "log"] | None = None
+    clip_min: float | None = None
+    clip_max: float | None = None
 
     def __post_init__(self):
         if self.kind not in ("euclidean", "sqeuclidean", "cosine"):
             raise ValueError(f"GroundMetric.kind must be euclidean, sqeuclidean or cosine, not {self.kind!r}")
-        if self.normalize_cost not in (None, "max", "mean", "median"):
-            raise ValueError(f"GroundMetric.normalize_cost must be None, max, mean or median, not {self.normalize_cost!r}")
+        if self.normalize_cost not in (None, "max", "mean", "median", "log"):
+            raise ValueError(
+                f"GroundMetric.normalize_cost must be None, max, mean, median or log, not {self.normalize_cost!r}"
+            )
+        for name in ("clip_min", "clip_max"):
+            bound = getattr(self, name)
+            if bound is not None and (
+                isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound)
+            ):
+                raise ValueError(f"GroundMetric.{name} must be None or a finite number, got {bound!r}")
+        if self.clip_min is not None and self.clip_max is not None and self.clip_min > self.clip_max:
+            raise ValueError(
+                f"GroundMetric.clip_min={self.clip_min} is larger than clip_max={self.clip_max}: "
+                f"the clipped cost would be empty"
+            )
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """Cost matrix ``(n, m)`` between supports ``x (n, d)`` and ``y (m, d)``."""
@@ -68,6 +95,10 @@ class GroundMetric:
             cost = cost / jnp.maximum(jnp.mean(cost), 1e-30)
         elif self.normalize_cost == "median":
             cost = cost / jnp.maximum(jnp.median(cost), 1e-30)
+        elif self.normalize_cost == "log":
+            cost = jnp.log1p(cost)
+        if self.clip_min is not None or self.clip_max is not None:
+            cost = jnp.clip(cost, self.clip_min, self.clip_max)
         return cost
 
 

@@ -6,18 +6,19 @@ model's and the reference's supports, and asks a *plan producer* for the plans; 
 and combine are shared by every method. A method is one producer plus a thin entry point:
 
 ==================  ===========================================================
-OT fusion           :class:`BalancedPlans`: OT between uniform measures
+OT fusion           :class:`BalancedPlans`: OT between uniform or importance measures
 vanilla averaging   identity plans (:mod:`jfusion.methods.baselines`)
 partial fusion      partial OT into ``[fused | isolated]`` slots (:mod:`jfusion.methods.partial`)
 generalized pruning cluster plans of the reference itself (:mod:`jfusion.methods.prune`)
 barycenter fusion   OT fusion iterated onto its own estimate (:mod:`jfusion.methods.barycenter`)
+GWB fusion          fused Gromov-Wasserstein plans for recurrent groups (:mod:`jfusion.methods.gromov`)
 ==================  ===========================================================
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,11 @@ class PlanProducer(Protocol):
       weights model ``k`` in slot ``q`` by ``w_k coverage[k, q]`` (normalised per slot).
 
     Plans are transported by their own row and column sums, so their overall scale is free.
+
+    A producer with a true ``relational`` attribute (a class variable) receives, for the
+    groups with recurrent leaves (hidden-to-hidden kernels), a
+    :class:`jfusion.core.support.RelationalSupport` ``(features, relation)`` as ``support``
+    and ``reference_support`` instead of the features alone (Gromov-Wasserstein fusion).
     """
 
     def output_width(self, group: str, reference_width: int) -> int: ...
@@ -62,6 +68,33 @@ def uniform(n: int) -> jax.Array:
     return jnp.full((n,), 1.0 / n, jnp.float32)
 
 
+Importance = Literal["uniform", "l1", "l2"]
+IMPORTANCES = ("uniform", "l1", "l2")
+
+
+def importance_measure(support: jax.Array, importance: Importance) -> jax.Array:
+    """The measure on a group's neurons from their supports ``(n, d)``: OTFusion's ``--importance``.
+
+    ``"uniform"``: ``1/n``. ``"l1"`` / ``"l2"``: ``mu_p = (r_p + delta) / sum_q (r_q + delta)``
+    with ``r_p = ||x_p||_1`` or ``||x_p||_2`` the norm of neuron ``p``'s support row relative
+    to the largest one and ``delta = 1e-9``, so a neuron that carries more weight carries more
+    mass (Singh & Jaggi 2020, §4). OTFusion adds 1e-9 to the raw norms; here the floor is
+    relative, so the measure does not depend on the weights' scale, and a neuron whose support
+    is zero keeps a tiny positive mass (Sinkhorn's logarithms stay finite). Supports are scaled
+    by their largest entry first, so the norms stay inside float32.
+    """
+    n = support.shape[0]
+    if importance == "uniform":
+        return uniform(n)
+    x = support.astype(jnp.float32)
+    peak = jnp.max(jnp.abs(x))
+    x = x / jnp.where(peak > 0, peak, 1.0)
+    norms = jnp.linalg.norm(x, ord=1 if importance == "l1" else 2, axis=1)
+    top = jnp.max(norms)
+    mass = jnp.where(top > 0, norms / jnp.where(top > 0, top, 1.0), 1.0) + 1e-9
+    return mass / jnp.sum(mass)
+
+
 def identity_result(n: int) -> OTResult:
     """The identity plan ``I / n`` of a group of ``n`` neurons, as a solver would report it."""
     return OTResult(
@@ -72,10 +105,13 @@ def identity_result(n: int) -> OTResult:
     )
 
 
-def solve_balanced(solver: Solver, metric: GroundMetric, group: str, x: jax.Array, y: jax.Array) -> OTResult:
-    """OT between uniform measures on the rows of ``x`` and of ``y``, at cost ``metric(x, y)``."""
+def solve_balanced(
+    solver: Solver, metric: GroundMetric, group: str, x: jax.Array, y: jax.Array, importance: Importance = "uniform"
+) -> OTResult:
+    """OT between the measures on the rows of ``x`` and of ``y`` (:func:`importance_measure`),
+    at cost ``metric(x, y)``."""
     try:
-        return solver(metric(x, y), uniform(x.shape[0]), uniform(y.shape[0]))
+        return solver(metric(x, y), importance_measure(x, importance), importance_measure(y, importance))
     except FusionInputError as err:
         raise FusionInputError(f"group {group!r}: {err}") from None
 
@@ -84,12 +120,52 @@ def solve_balanced(solver: Solver, metric: GroundMetric, group: str, x: jax.Arra
 class BalancedPlans:
     """OT fusion's producer (Singh & Jaggi 2020): each model's neurons onto the reference's.
 
-    ``T_k = OT(1/n_k, 1/m, d(X_k, Y))``; the reference keeps its own neurons (identity) and
-    every model fills every slot, so combine uses the plain model weights.
+    ``T_k = OT(mu(X_k), mu(Y), d(X_k, Y))``; the reference keeps its own neurons (identity) and
+    every model fills every slot it sends mass to, so combine uses the plain model weights.
+    Transport divides by the plan's column sums, so a fused neuron is the barycentric average
+    ``sum_p T[p, q] x_p / nu_q`` of the model neurons sent to it whatever the marginals.
+
+    A balanced plan reaches every slot. An unbalanced one (``Sinkhorn(tau_a=..., tau_b=...)``
+    below 1) may send a slot almost nothing: the model's neuron there is still the
+    barycentric average of the little that arrived, at the model's full weight (OTFusion's
+    ``T / (T^T 1)`` does the same); a slot it sends exactly nothing (the mass underflowed:
+    the slot's neuron is far from all of the model's) is left to the other models
+    (coverage 0), so the fused neuron is not averaged with zeros, and a slot no model reaches
+    is zero. Weighting each model by the share of the slot's mass it sends is not done: it
+    needs the slot's marginal, which ``coverage`` is not given.
+
+    Attributes:
+      solver, metric: the OT solver and the ground metric.
+      importance: the measures ``mu`` on both sides (:func:`jfusion.core.plans.importance_measure`):
+        ``"uniform"`` (default, ``1/n``), or ``"l1"`` / ``"l2"``, OTFusion's importance: a
+        neuron's mass is proportional to the norm of its support row, on the model's side
+        and on the reference's. Aligning by weights, the support row is the neuron's incoming
+        weights after past correction, with its bias and norm parameters (and its outgoing
+        weights under ``ByWeights(outgoing=True)``); OTFusion's code takes the norm of the
+        uncorrected incoming kernel (its models have no biases), which is the same norm when
+        the previous plan is a permutation. Aligning by activations it is the norm of the
+        neuron's activations on the batch. Non-uniform marginals need a solver that takes
+        them (:class:`jfusion.Sinkhorn`): :class:`jfusion.Exact` is refused here, before any
+        tracing, because under ``jit`` the marginals it would check are traced.
+
+    References:
+      - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020
+        (uniform and importance measures, §4).
     """
 
     solver: Solver = Exact()
     metric: GroundMetric = GroundMetric()
+    importance: Importance = "uniform"
+
+    def __post_init__(self):
+        if self.importance not in IMPORTANCES:
+            raise FusionInputError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        if self.importance != "uniform" and isinstance(self.solver, Exact):
+            raise FusionInputError(
+                f"importance={self.importance!r} gives non-uniform marginals, and jfusion.Exact solves "
+                f"OT between uniform marginals only (an assignment); pass solver=jfusion.Sinkhorn() "
+                f"(a small epsilon, e.g. Sinkhorn(epsilon=1e-3), comes close to exact OT)"
+            )
 
     def output_width(self, group: str, reference_width: int) -> int:
         return reference_width
@@ -98,7 +174,7 @@ class BalancedPlans:
         return None
 
     def plan(self, group: str, support: jax.Array, reference_support: jax.Array, model: jax.Array) -> OTResult:
-        return solve_balanced(self.solver, self.metric, group, support, reference_support)
+        return solve_balanced(self.solver, self.metric, group, support, reference_support, self.importance)
 
     def coverage(self, group: str, received: jax.Array) -> jax.Array:
-        return jnp.ones_like(received)
+        return (received > 0).astype(received.dtype)

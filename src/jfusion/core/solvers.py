@@ -259,6 +259,22 @@ class Sinkhorn:
     large layers and works for any widths and marginals; the plan is slightly blurred, the
     less so the smaller ``epsilon``.
 
+    With ``tau_a < 1`` or ``tau_b < 1`` it solves *unbalanced* OT (Chizat, Peyré, Schmitzer
+    & Vialard 2018; Séjourné, Feydy, Vialard, Trouvé & Peyré 2019): the marginal constraints
+    become penalties, ``min <C, T> - eps H(T) + rho_a KL(T 1 | a) + rho_b KL(T^T 1 | b)`` with
+    ``tau = rho / (rho + eps)`` (ott-jax's ``LinearProblem(tau_a, tau_b)``; OTFusion's
+    ``--unbalanced``). ``tau = 1`` is the hard constraint, smaller ``tau`` lets the plan
+    leave mass behind: a neuron whose every match is expensive sends (or receives) little,
+    the less the smaller ``tau``. The plan then meets its marginals only approximately, and
+    ``threshold`` is ott's criterion for the unbalanced iterations. Transport uses the plan's
+    own row and column sums (``jfusion.core.transport``), so a target neuron that receives
+    little mass from a model is still that model's barycentric average of whatever reached
+    it, and a source neuron that sends little still hands its outgoing weights to the
+    targets its small mass went to (OTFusion's ``T / (T^T 1)`` correction does the same). A
+    source neuron that sends exactly nothing is dropped, outgoing weights and all, and a
+    target slot that receives exactly nothing is left to the other models
+    (:class:`jfusion.BalancedPlans`); never NaN.
+
     Attributes:
       epsilon: entropic regularisation (> 0); relative to the cost's mean (or std) when
         ``relative_epsilon`` is set, so the same value works for every layer's scale.
@@ -266,12 +282,26 @@ class Sinkhorn:
       threshold: tolerance (> 0) on the marginal error ``||T 1 - a||_1 + ...``.
       max_iterations: iteration cap (>= 1); a plan that hits it is reported with
         ``converged=False`` and jfusion warns (eagerly) or returns the flag (under jit).
+      tau_a, tau_b: how strictly the source (``a``, the model's neurons) and target (``b``,
+        the reference's) marginals are met, ``0 < tau <= 1``; 1 (default) is balanced OT.
+        :meth:`partial` is always balanced (its sink already absorbs the unmatched mass).
+
+    References:
+      - Marco Cuturi. *Sinkhorn Distances: Lightspeed Computation of Optimal Transport.*
+        NeurIPS 2013.
+      - Lénaïc Chizat, Gabriel Peyré, Bernhard Schmitzer and François-Xavier Vialard.
+        *Scaling Algorithms for Unbalanced Optimal Transport Problems.* Mathematics of
+        Computation, 2018.
+      - Thibault Séjourné, Jean Feydy, François-Xavier Vialard, Alain Trouvé and Gabriel
+        Peyré. *Sinkhorn Divergences for Unbalanced Optimal Transport.* 2019.
     """
 
     epsilon: float = 0.01
     relative_epsilon: Literal["mean", "std"] | None = "mean"
     threshold: float = 1e-4
     max_iterations: int = 5000
+    tau_a: float = 1.0
+    tau_b: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -284,6 +314,13 @@ class Sinkhorn:
             raise ValueError(f"Sinkhorn.threshold must be > 0, got {self.threshold!r}")
         if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, (int, np.integer)) or self.max_iterations < 1:
             raise ValueError(f"Sinkhorn.max_iterations must be an int >= 1, got {self.max_iterations!r}")
+        for name in ("tau_a", "tau_b"):
+            tau = getattr(self, name)
+            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
+                raise ValueError(
+                    f"Sinkhorn.{name} must be a number in (0, 1] (1: balanced OT; smaller: the "
+                    f"marginal is a softer penalty), got {tau!r}"
+                )
 
     def __call__(self, cost: jax.Array, a: jax.Array, b: jax.Array) -> OTResult:
         geom = geometry.Geometry(
@@ -302,7 +339,7 @@ class Sinkhorn:
             # computed iterate and costs memory only per inner_iterations block.
             implicit_diff=None,
         )
-        out = solver(linear_problem.LinearProblem(geom, a, b))
+        out = solver(linear_problem.LinearProblem(geom, a, b, tau_a=self.tau_a, tau_b=self.tau_b))
         converged = out.converged & jnp.all(jnp.isfinite(out.matrix))
         return _result(out.matrix, cost, converged, out.n_iters)
 
@@ -319,7 +356,7 @@ class Sinkhorn:
         a = jnp.concatenate([jnp.full((n,), (1.0 - s) / n), jnp.array([s])])
         b = jnp.concatenate([jnp.full((m,), (1.0 - s) / m), jnp.array([s])])
         extended = jnp.zeros((n + 1, m + 1), cost.dtype).at[:n, :m].set(cost).at[n, m].set(jnp.max(cost) + 1.0)
-        result = self(extended, a, b)
+        result = dataclasses.replace(self, tau_a=1.0, tau_b=1.0)(extended, a, b)
         scale = m * (1.0 + alpha)  # a target neuron's mass is (1 - s) / m = 1 / (m (1 + alpha))
         plan = result.plan[:n, :m] * scale
         return result._replace(plan=plan, cost=jnp.sum(plan * cost)), result.plan[:n, m] * scale

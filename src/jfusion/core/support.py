@@ -15,7 +15,7 @@ come from a linen module (:class:`ModuleActivations`) or an nnx one (:class:`Nnx
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from flax import nnx
 from jfusion.core.errors import SpecError
 from jfusion.core.matching import WeightMatching
 from jfusion.core.nnx import fresh, graphdef_of, is_nnx
-from jfusion.core.spec import Spec
+from jfusion.core.spec import LeafSpec, Spec
 from jfusion.core.transport import GroupMap, transport_view
 from jfusion.core.tree import flatten, module_path
 
@@ -344,6 +344,58 @@ def weight_support(
             f"use ByWeights(sweeps=2) or activation alignment"
         )
     return jnp.concatenate(parts, axis=1)
+
+
+class RelationalSupport(NamedTuple):
+    """A recurrent group's support: each neuron's features and how the neurons feed each other.
+
+    The engine hands it, instead of the features alone, to a producer whose ``relational``
+    attribute is true, for the groups that have recurrent leaves (:func:`recurrent_leaves`).
+
+    Attributes:
+      features: ``(n, d)``: the support any producer gets (weights or activations).
+      relation: ``(n, n, r)``: ``relation[i, j]`` the weights from neuron ``i`` to neuron
+        ``j`` of the group, in the model's own neuron order (see :func:`relation_support`).
+    """
+
+    features: jax.Array
+    relation: jax.Array
+
+
+def recurrent_leaves(spec: Spec, group: str) -> tuple[LeafSpec, ...]:
+    """The leaves that write ``group`` and read it too: hidden-to-hidden kernels."""
+    return tuple(leaf for leaf in spec.writers(group) if leaf.dim_groups.count(group) == 2)
+
+
+def relation_support(
+    leaves: Mapping[str, jax.Array],
+    spec: Spec,
+    group: str,
+    widths: Mapping[str, int],
+    maps: Mapping[str, GroupMap],
+    solved: Collection[str],
+) -> jax.Array | None:
+    """``(n, n, r)`` neuron-to-neuron weights of ``group`` from its recurrent leaves, or None.
+
+    Each recurrent leaf (an LSTM's four gate kernels, a GRU's three) gives its input dim
+    (``i``) and output dim (``j``) as the first two axes, and its other dims flattened into
+    channels, concatenated over the leaves: gates are channels of one relation, as they
+    share one coupling. The group's own dims are never transported (the relation is what
+    the coupling is solved from); other groups' dims are, by the plans found so far, and a
+    leaf with an unsolved other group is left out (as in :func:`weight_support`).
+    """
+    parts = []
+    for leaf in recurrent_leaves(spec, group):
+        groups = leaf.dim_groups
+        others = [i for i, g in enumerate(groups) if g is not None and g != group]
+        if any(groups[i] not in solved for i in others):
+            continue
+        x = leaves[leaf.path]
+        v = x.astype(jnp.float32).reshape(leaf.view_shape(x.shape, widths))
+        v = transport_view(v, leaf, maps, dims=others)
+        v = jnp.moveaxis(v, (groups.index(group), len(groups) - 1), (0, 1))
+        parts.append(v.reshape(v.shape[0], v.shape[1], -1))
+    return jnp.concatenate(parts, axis=2) if parts else None
 
 
 def _missing_activations(activations: Mapping[str, jax.Array], group: str) -> str:

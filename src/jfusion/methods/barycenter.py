@@ -4,7 +4,10 @@ Akash, Li & García Trillos, "Wasserstein Barycenter-based Model Fusion and Line
 Connectivity of Neural Networks", 2022. ``F_{t+1} = sum_k w_k T~_k(F_t)``, where
 ``T~_k(F_t)`` is model k aligned onto the current estimate; the fixed point is a barycenter
 of the K layer measures. It is a ``lax.while_loop`` over the engine with the estimate as
-the reference -- the same producer, transport and combine as :func:`jfusion.fuse`.
+the reference -- the same producer, transport and combine as :func:`jfusion.fuse`. With
+``producer=GromovWassersteinPlans(...)`` the couplings of recurrent groups are fused
+Gromov-Wasserstein ones, the same paper's Gromov-Wasserstein barycenter (GWB,
+:mod:`jfusion.methods.gromov`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from jfusion.core.align import (
 )
 from jfusion.core.combine import model_weights as normalised_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
-from jfusion.core.errors import ConvergenceWarning
-from jfusion.core.plans import BalancedPlans
+from jfusion.core.errors import ConvergenceWarning, FusionInputError
+from jfusion.core.plans import BalancedPlans, Importance, PlanProducer
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import AlignmentMethod
@@ -62,10 +65,12 @@ def barycenter_fuse(
     solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
+    importance: Importance = "uniform",
     model_weights: jax.Array | Sequence[float] | None = None,
     inputs: jax.Array | None = None,
     max_iterations: int = 100,
     tolerance: float = 1e-5,
+    producer: PlanProducer | None = None,
 ) -> Barycenter:
     """Wasserstein-barycenter fusion: align onto the fused estimate and average, repeatedly.
 
@@ -83,6 +88,10 @@ def barycenter_fuse(
         the target widths".
       max_iterations, tolerance: the stopping rule; the result reports both outcomes, and an
         eager call warns with :class:`jfusion.ConvergenceWarning` when it stopped at the cap.
+      producer: the plans of every step (default ``BalancedPlans(solver, metric, importance)``, the
+        Wasserstein barycenter); :class:`jfusion.GromovWassersteinPlans` gives the
+        Gromov-Wasserstein barycenter of recurrent networks (GWB). It carries its own solver
+        and metric, so ``solver``, ``metric`` and ``importance`` must then be left at their defaults.
 
     Returns:
       A :class:`Barycenter`: the fused ``params``, the last step's ``plans``, and
@@ -107,7 +116,13 @@ def barycenter_fuse(
         Model Fusion and Linear Mode Connectivity of Neural Networks.* 2022.
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
-    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
+    if producer is None:
+        producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
+    elif not (solver == "exact" and metric == "euclidean" and importance == "uniform"):
+        raise FusionInputError(
+            f"barycenter_fuse got producer={producer!r} and solver={solver!r}, metric={metric!r}, "
+            f"importance={importance!r}: the producer makes the plans, so give them to it instead"
+        )
     models = ModelStack(params_list)
     index = check_target(target, models.num_models)
     start = target if index is None else unflatten(models.treedef, models.model(index))

@@ -14,7 +14,7 @@ import jax
 
 from jfusion.core.align import prepare, run
 from jfusion.core.costs import GroundMetric, resolve_metric
-from jfusion.core.plans import BalancedPlans, PlanProducer
+from jfusion.core.plans import BalancedPlans, Importance, PlanProducer
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import AlignmentMethod
@@ -42,6 +42,7 @@ def fuse(
     solver: str | Solver = "exact",
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
+    importance: Importance = "uniform",
     model_weights: jax.Array | Sequence[float] | None = None,
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
@@ -68,6 +69,10 @@ def fuse(
       alignment: ``"weights"``, :class:`jfusion.ByWeights`, :class:`jfusion.ByActivations` or
         :class:`jfusion.WeightMatching` (Git Re-Basin; equal widths, exact solver).
       metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
+      importance: the neurons' masses: ``"uniform"`` (default) or ``"l1"`` / ``"l2"``, OTFusion's
+        importance (mass proportional to the norm of each neuron's support row, on the
+        models' and the target's side; see :class:`jfusion.BalancedPlans`). Needs
+        ``solver=jfusion.Sinkhorn()``.
       model_weights: the weights ``w_k`` (K,), normalised to sum to one; uniform by default.
       target: index of the model to align onto, or a params pytree of the target
         architecture (other widths: fusing into a smaller or larger model).
@@ -97,7 +102,7 @@ def fuse(
     References:
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
-    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric))
+    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
     return fuse_with(producer, params_list, spec, alignment=alignment, model_weights=model_weights, target=target, inputs=inputs)
 
 

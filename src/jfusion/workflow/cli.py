@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from jfusion.core.errors import JFusionError
+from jfusion.core.plans import IMPORTANCES
 from jfusion.core.solvers import Exact, Sinkhorn, Solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import ByWeights
@@ -274,12 +275,25 @@ def _run_train(args: argparse.Namespace) -> None:
 # --- fuse ---------------------------------------------------------------------------------
 
 
-def _solver(name: str, epsilon: float | None) -> Solver:
-    if name == "exact":
-        if epsilon is not None:
-            raise UsageError("--epsilon is Sinkhorn's regularisation; it needs --solver sinkhorn")
+def _solver(args: argparse.Namespace) -> Solver:
+    """The solver the flags ask for; Sinkhorn's own flags need ``--solver sinkhorn``."""
+    sinkhorn_flags = {
+        "--epsilon": (args.epsilon, "Sinkhorn's regularisation"),
+        "--tau-a": (args.tau_a, "unbalanced Sinkhorn's marginal penalty"),
+        "--tau-b": (args.tau_b, "unbalanced Sinkhorn's marginal penalty"),
+    }
+    if args.solver == "exact":
+        for flag, (value, what) in sinkhorn_flags.items():
+            if value is not None:
+                raise UsageError(f"{flag} is {what}; it needs --solver sinkhorn")
+        if args.importance != "uniform":
+            raise UsageError(
+                f"--importance {args.importance} gives non-uniform marginals, which the exact solver "
+                f"(an assignment) cannot meet; add --solver sinkhorn"
+            )
         return Exact()
-    return Sinkhorn() if epsilon is None else Sinkhorn(epsilon=epsilon)
+    given = {"epsilon": args.epsilon, "tau_a": args.tau_a, "tau_b": args.tau_b}
+    return Sinkhorn(**{name: value for name, value in given.items() if value is not None})
 
 
 class Checkpoint(NamedTuple):
@@ -418,7 +432,7 @@ def _run_fuse(args: argparse.Namespace) -> None:
     _check_free(out, args.overwrite)
     if args.evaluate:
         check_writable(results_paths(out), args.overwrite)
-    solver = _solver(args.solver, args.epsilon)
+    solver = _solver(args)
     target = args.target % len(paths)
     by_activations = args.alignment == "activations"
     needs_model = by_activations or bool(args.recalibrate) or args.evaluate or args.trace_spec
@@ -469,7 +483,8 @@ def _run_fuse(args: argparse.Namespace) -> None:
     _log(f"fusing {len(paths)} models ({what}) onto model {target}: tracing, compiling and solving")
     start = time.perf_counter()
     fused = fuse(
-        variables, spec, solver=solver, alignment=alignment, model_weights=args.weights, target=target, inputs=inputs
+        variables, spec, solver=solver, alignment=alignment, importance=args.importance,
+        model_weights=args.weights, target=target, inputs=inputs,
     ).params
     jax.block_until_ready(fused)
     fusion_s = time.perf_counter() - start
@@ -483,6 +498,9 @@ def _run_fuse(args: argparse.Namespace) -> None:
         "parents": [str(Path(p).resolve()) for p in paths],
         "solver": args.solver,
         "epsilon": args.epsilon,
+        "tau_a": args.tau_a,
+        "tau_b": args.tau_b,
+        "importance": args.importance,
         "alignment": args.alignment,
         "sweeps": None if by_activations else args.sweeps,
         "samples": args.samples if by_activations else None,
@@ -671,6 +689,19 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument(
         "--epsilon", type=float, metavar="E",
         help=f"Sinkhorn's regularisation, relative to the mean cost (default: {Sinkhorn().epsilon})",
+    )
+    fusion.add_argument(
+        "--tau-a", type=float, metavar="T",
+        help="unbalanced Sinkhorn: how strictly the models' neuron masses are met, in (0, 1] (default: 1, balanced)",
+    )
+    fusion.add_argument(
+        "--tau-b", type=float, metavar="T",
+        help="unbalanced Sinkhorn: the same for the target's neuron masses (default: 1, balanced)",
+    )
+    fusion.add_argument(
+        "--importance", choices=IMPORTANCES, default="uniform",
+        help="neuron masses: uniform, or proportional to the l1 / l2 norm of each neuron's weights "
+        "(OTFusion's --importance; needs --solver sinkhorn)" + default,
     )
     fusion.add_argument("--alignment", choices=("weights", "activations"), default="weights", help=default[1:])
     fusion.add_argument(
