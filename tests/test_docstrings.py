@@ -13,6 +13,7 @@ import pytest
 MODULES = [
     "jfusion.core.spec",  # Spec and the layer builders (jfusion.layers)
     "jfusion.core.support",  # ByWeights, ByActivations
+    "jfusion.core.matching",  # WeightMatching
     "jfusion.check",  # check_spec, permute
     "jfusion.trace",  # trace_spec
     "jfusion.methods.fuse",
@@ -46,7 +47,7 @@ def test_the_main_public_api_has_examples_and_references():
     import jfusion
 
     for name in ["fuse", "partial_fuse", "barycenter_fuse", "prune", "vanilla_average", "trace_spec",
-                 "check_spec", "permute", "Spec", "ByWeights", "ByActivations", "repair"]:
+                 "check_spec", "permute", "Spec", "ByWeights", "ByActivations", "repair", "WeightMatching"]:
         doc = getattr(jfusion, name).__doc__
         assert "\n    Examples:\n" in doc and "\n    References:\n" in doc, name
     for name in jfusion.layers.__all__:

@@ -12,8 +12,10 @@ method returns a result with the fused ``params`` and the ``plans`` with their d
   ``producer=GromovWassersteinPlans(...)``.
 * Partial fusion and generalized pruning -- Morelli & Eckstein, ICML 2026:
   :func:`partial_fuse`, :func:`prune`.
-* Alignment by :class:`ByWeights` (default) or :class:`ByActivations`; whether a plan beats
-  the identity: :func:`plan_diagnostics`; a price on leaving it: ``GroundMetric(identity_prior=...)``.
+* Alignment by :class:`ByWeights` (default), :class:`ByActivations`, or
+  :class:`WeightMatching` (Git Re-Basin's coordinate descent over all groups) --
+  Ainsworth, Hayase & Srinivasa, ICLR 2023; whether a plan beats the identity:
+  :func:`plan_diagnostics`; a price on leaving it: ``GroundMetric(identity_prior=...)``.
 * REPAIR / RESCALE after any fusion (Jordan et al., ICLR 2023): :func:`repair`.
 * BatchNorm networks: :func:`recalibrate_batch_stats`; mode connectivity: :func:`loss_barrier`
   (git-re-basin's protocol), drawn by :func:`plot_interpolation`.
@@ -37,6 +39,7 @@ from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionErr
 from jfusion.core.plans import BalancedPlans, PlanProducer
 from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
 from jfusion.core.spec import LeafSpec, Spec
+from jfusion.core.matching import WeightMatching
 from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
 from jfusion.core.tree import running_statistics, stack_models, unstack_models
 from jfusion.diagnostics import PlanDiagnostics, plan_diagnostics
@@ -85,6 +88,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "TraceError",
+    "WeightMatching",
     "align",
     "barycenter_fuse",
     "check_spec",

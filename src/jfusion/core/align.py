@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jfusion.core.combine import combine, model_weights, slot_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
 from jfusion.core.errors import ConvergenceWarning, FusionInputError, ResidualStreamWarning, SpecError
+from jfusion.core.matching import WeightMatching, warn_capped
 from jfusion.core.plans import BalancedPlans, Importance, PlanProducer, identity_result
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
@@ -58,7 +59,8 @@ class EngineConfig:
 
     Attributes:
       spec: the layer topology.
-      alignment: how supports are built (:class:`jfusion.ByWeights`, :class:`jfusion.ByActivations`).
+      alignment: how supports are built (:class:`jfusion.ByWeights`, :class:`jfusion.ByActivations`),
+        or :class:`jfusion.WeightMatching`, which computes every model's plans itself.
       producer: the method's plan producer.
       model_widths: every model's group widths.
       reference: the index of the model aligned onto, or None for a reference pytree.
@@ -384,8 +386,21 @@ def _select(mine: jax.Array, one: jax.Array, stacked: jax.Array) -> jax.Array:
 
 
 def _vmapped_passes(config: EngineConfig, models, acts, reference_supports, index: jax.Array):
-    """:func:`_model_pass` of the stacked models ``index`` (equal widths), under one ``vmap``."""
+    """:func:`_model_pass` of the stacked models ``index`` (equal widths), under one ``vmap``.
+
+    Weight matching instead finds all groups' plans of all the models at once (its
+    ``reference_supports`` are the reference's leaves), and the models are transported by them.
+    """
     widths = dict(config.model_widths[0])
+    if isinstance(config.alignment, WeightMatching):
+        results = config.alignment.plans(
+            config.spec, config.producer.solver, models, reference_supports, widths, config.statistics
+        )
+
+        def transport(leaves, plans):
+            return transport_model(leaves, config.spec.leaves, {g: group_map(r.plan) for g, r in plans.items()}, widths)
+
+        return jax.vmap(transport)(models, results), results
     return jax.vmap(lambda leaves, a, k: _model_pass(config, leaves, widths, a, reference_supports, k))(models, acts, index)
 
 
@@ -405,7 +420,15 @@ def align_models(config: EngineConfig, models, reference_leaves, inputs) -> Engi
     else:
         ref_leaves = _take(models, r) if config.vectorized else model_leaves[r]
         ref_acts = None if acts is None else (_take(acts, r) if config.vectorized else acts[r])
-    ref_aligned, ref_results, ref_supports = _reference_pass(config, ref_leaves, ref_acts)
+    if isinstance(config.alignment, WeightMatching):
+        # No steps: the models are matched to the reference's leaves in _vmapped_passes.
+        config.alignment.check(
+            config.spec, config.producer, config.model_widths, config.reference_widths, config.vectorized, config.statistics
+        )
+        ref_results = {g: identity_result(n) for g, n in config.reference_widths}
+        ref_aligned, ref_supports = ref_leaves, ref_leaves
+    else:
+        ref_aligned, ref_results, ref_supports = _reference_pass(config, ref_leaves, ref_acts)
     others = [k for k in range(num) if k != r]
 
     if config.vectorized and others and config.split_models:
@@ -481,7 +504,7 @@ def run(problem: Problem, weights: jax.Array | Sequence[float] | None = None) ->
     config = problem.config
     w = model_weights(weights, config.num_models)
     fused, out = fusion_program(config, problem.models, problem.reference, problem.inputs, w)
-    warn_unconverged(out.plans)
+    warn_unconverged(out.plans, config.alignment)
     return unflatten(config.reference_treedef, fused), out
 
 
@@ -534,7 +557,8 @@ def align(
       spec: the layer topology (:class:`jfusion.Spec`, or the dict it is built from).
       solver: ``"exact"`` (default), ``"sinkhorn"`` or a solver object
         (:class:`jfusion.Exact`, :class:`jfusion.Sinkhorn`).
-      alignment: ``"weights"``, :class:`jfusion.ByWeights` or :class:`jfusion.ByActivations`.
+      alignment: ``"weights"``, :class:`jfusion.ByWeights`, :class:`jfusion.ByActivations` or
+        :class:`jfusion.WeightMatching` (Git Re-Basin; equal widths, exact solver).
       metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
       importance: the neurons' masses: ``"uniform"`` (default) or ``"l1"`` / ``"l2"``, OTFusion's
         importance (mass proportional to the norm of each neuron's support row, on the
@@ -568,11 +592,15 @@ def _host_value(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def warn_unconverged(plans: Mapping[str, OTResult]) -> None:
+def warn_unconverged(plans: Mapping[str, OTResult], alignment: AlignmentMethod | None = None) -> None:
     """Warn (eagerly; a no-op under tracing) about every plan whose solver did not converge.
 
-    The warning points at the user's line that called jfusion.
+    The warning points at the user's line that called jfusion. Weight matching's plans share
+    one outcome, the coordinate descent's: one warning when it hit its cap.
     """
+    if isinstance(alignment, WeightMatching):
+        warn_capped(plans, alignment, caller_stacklevel() + 1)
+        return
     for group, result in plans.items():
         if not (_is_concrete(result.converged) and _is_concrete(result.iterations)):
             continue

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jfusion.core.errors import SpecError
+from jfusion.core.matching import WeightMatching
 from jfusion.core.nnx import fresh, graphdef_of, is_nnx
 from jfusion.core.spec import LeafSpec, Spec
 from jfusion.core.transport import GroupMap, transport_view
@@ -289,12 +290,12 @@ class ByActivations:
         )
 
 
-AlignmentMethod = ByWeights | ByActivations
+AlignmentMethod = ByWeights | ByActivations | WeightMatching
 
 
 def resolve_alignment(alignment: str | AlignmentMethod) -> AlignmentMethod:
     """An alignment object from one or its name (``"weights"``)."""
-    if isinstance(alignment, (ByWeights, ByActivations)):
+    if isinstance(alignment, (ByWeights, ByActivations, WeightMatching)):
         return alignment
     if alignment == "weights":
         return ByWeights()
@@ -303,7 +304,9 @@ def resolve_alignment(alignment: str | AlignmentMethod) -> AlignmentMethod:
             "alignment='activations' needs to know where each group's activations come from: "
             "pass alignment=jfusion.ByActivations.from_module(model) (or ByActivations(fn)) and inputs=x"
         )
-    raise ValueError(f"alignment must be 'weights', ByWeights(...) or ByActivations(...), not {alignment!r}")
+    raise ValueError(
+        f"alignment must be 'weights', ByWeights(...), ByActivations(...) or WeightMatching(...), not {alignment!r}"
+    )
 
 
 def weight_support(

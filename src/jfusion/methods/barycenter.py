@@ -133,7 +133,7 @@ def barycenter_fuse(
     params, plans, iterations, change = _barycenter(
         problem.config, problem.models, problem.reference, inputs, w, jnp.float32(tolerance), int(max_iterations)
     )
-    warn_unconverged(plans)
+    warn_unconverged(plans, problem.config.alignment)
     converged = change <= tolerance
     if not isinstance(converged, jax.core.Tracer) and not bool(converged):
         warnings.warn(

@@ -66,7 +66,8 @@ def fuse(
       spec: the layer topology (:class:`jfusion.Spec`, or the dict it is built from).
       solver: ``"exact"`` (default), ``"sinkhorn"`` or a solver object
         (:class:`jfusion.Exact`, :class:`jfusion.Sinkhorn`).
-      alignment: ``"weights"``, :class:`jfusion.ByWeights` or :class:`jfusion.ByActivations`.
+      alignment: ``"weights"``, :class:`jfusion.ByWeights`, :class:`jfusion.ByActivations` or
+        :class:`jfusion.WeightMatching` (Git Re-Basin; equal widths, exact solver).
       metric: ground metric between supports: a :class:`jfusion.GroundMetric` or its kind.
       importance: the neurons' masses: ``"uniform"`` (default) or ``"l1"`` / ``"l2"``, OTFusion's
         importance (mass proportional to the norm of each neuron's support row, on the
