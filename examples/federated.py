@@ -9,7 +9,11 @@ client models into the next server model, weighting client k by its number of ex
 * FedAvg: the weighted average of the client models (McMahan et al. 2017);
 * OT fusion, exact or Sinkhorn: the clients aligned onto the server's previous model by
   weights, then averaged (``jfusion.fuse(clients, spec, target=server)``; Singh & Jaggi
-  2020 fuse this way in their federated experiment).
+  2020 fuse this way in their federated experiment);
+* OT fusion by activations (on ``server_images`` training images the server holds), without
+  and with an identity prior (``GroundMetric(identity_prior=lam)``): a price of ``lam``
+  times the mean cost on moving a neuron away from its own index, since clients that started
+  from the server model keep its neurons in place.
 
 The R rounds of a method run inside one ``lax.scan``: one jitted program per method holds the
 clients' local training, the aggregation and the server's test accuracy of every round. Two
@@ -57,6 +61,9 @@ class Config:
     learning_rate: float = 0.05
     starts: tuple[str, ...] = ("shared", "different")
     sinkhorn: bool = True
+    activations: bool = True  # OT fusion by activations, without and with the identity prior
+    server_images: int = 200  # the activation alignment's inputs
+    identity_prior: float = 1.0  # lam of the identity-prior row
     partial_isolated: int = 1  # neurons of every client kept isolated by the final partial fusion
     seed: int = 0
     train_subsample: int | None = None
@@ -64,10 +71,10 @@ class Config:
 
 
 def quick() -> Config:
-    """K = 8 clients, 3 rounds, one start, no Sinkhorn: the loop and each kind of aggregation once."""
+    """K = 8 clients, 3 rounds, one start, weights only: the loop and each kind of aggregation once."""
     return Config(
         data=kit.quick_dataset(), clients=(8,), hidden=(32,), rounds=3, local_steps=5, starts=("different",),
-        sinkhorn=False, train_subsample=3000, test_subsample=1000,
+        sinkhorn=False, activations=False, train_subsample=3000, test_subsample=1000,
     )
 
 
@@ -94,15 +101,21 @@ def padded(parts: Sequence[np.ndarray]) -> tuple[jax.Array, jax.Array]:
 Aggregate = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]  # (clients, reference, weights) -> (server, converged)
 
 
-def aggregations(cfg: Config, spec: jfusion.Spec) -> dict[str, Aggregate]:
+def aggregations(cfg: Config, model: MLP, server_images: jax.Array) -> dict[str, Aggregate]:
     """name -> ``aggregate(clients, reference, weights) -> (server, all plans converged)``."""
+    spec = model.spec()
 
     def fedavg(clients, reference, weights):
         return jfusion.vanilla_average(clients, model_weights=weights).params, jnp.array(True)
 
-    def ot(solver):
+    def ot(solver, metric=jfusion.GroundMetric(), alignment=jfusion.ByWeights()):
+        inputs = server_images if isinstance(alignment, jfusion.ByActivations) else None
+
         def aggregate(clients, reference, weights):
-            fused = jfusion.fuse(clients, spec, solver=solver, model_weights=weights, target=reference)
+            fused = jfusion.fuse(
+                clients, spec, solver=solver, metric=metric, alignment=alignment, model_weights=weights,
+                target=reference, inputs=inputs,
+            )
             return fused.params, jnp.all(jnp.stack([jnp.all(p.converged) for p in fused.plans.values()]))
 
         return aggregate
@@ -110,6 +123,11 @@ def aggregations(cfg: Config, spec: jfusion.Spec) -> dict[str, Aggregate]:
     out = {"FedAvg": fedavg, "OT fusion (exact)": ot(jfusion.Exact())}
     if cfg.sinkhorn:
         out["OT fusion (Sinkhorn)"] = ot(jfusion.Sinkhorn())
+    if cfg.activations:
+        by_activations = jfusion.ByActivations.from_module(model)
+        out["OT fusion (exact, activations)"] = ot(jfusion.Exact(), alignment=by_activations)
+        prior = jfusion.GroundMetric(identity_prior=cfg.identity_prior)
+        out[f"OT fusion (exact, activations, identity prior {cfg.identity_prior})"] = ot(jfusion.Exact(), prior, by_activations)
     return out
 
 
@@ -175,7 +193,8 @@ def run(cfg: Config, num_clients: int, start: str, data: kit.Data) -> dict[str, 
     starts = jax.vmap(lambda k: model.init(k, images[:1]))(keys)
     simulate = simulation(cfg, model, images, labels, test)
     curves, table, finals = {}, [], {}
-    for name, aggregate in aggregations(cfg, spec).items():
+    server_images = images[rng.choice(len(images), cfg.server_images, replace=False)]
+    for name, aggregate in aggregations(cfg, model, server_images).items():
         began = time.perf_counter()
         jax.block_until_ready(simulate(starts, aggregate, rows, sizes, jax.random.key(1)))
         first_s = time.perf_counter() - began
