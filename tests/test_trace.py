@@ -212,6 +212,7 @@ def test_traced_spec_of_models_written_here(name, own_traced):
     assert_same_groups(traced, OWN[name][2])
 
 
+@pytest.mark.filterwarnings("ignore::jfusion.ResidualStreamWarning")  # planted truth: weight alignment is exact here
 @pytest.mark.parametrize("name", list(OWN))
 def test_planted_permutations_of_traced_groups_are_recovered_by_fuse(name, own_traced):
     variables, traced = own_traced[name]

@@ -42,6 +42,7 @@ def assert_plans_are(plans, perms, model=1):
         np.testing.assert_array_equal(plan, permutation_matrix(perm).T, err_msg=group)
 
 
+@pytest.mark.filterwarnings("ignore::jfusion.ResidualStreamWarning")  # planted truth: weight alignment is exact here
 @pytest.mark.parametrize("case", CASES)
 def test_a_permuted_copy_is_recovered_exactly_and_fuses_to_the_parents_function(case):
     model, spec, shape, kwargs, alignment = CASES[case]
