@@ -34,8 +34,9 @@ class GroundMetric:
         default ``--ground-metric-normalize log``), a monotone but non-linear map that
         compresses large costs, so it can change exact plans as well as Sinkhorn's. None
         keeps raw costs.
-      clip_min, clip_max: clamp the (normalised) cost to ``[clip_min, clip_max]`` (None: no
-        bound), after ``normalize_cost`` as in OTFusion's ``--clip-gm``. OTFusion states its
+      clip_min: clamp the (normalised) cost from below to ``clip_min`` (None: no bound),
+        after ``normalize_cost`` as in OTFusion's ``--clip-gm``.
+      clip_max: clamp it from above to ``clip_max`` (None: no bound). OTFusion states its
         bounds in units of the Sinkhorn regularisation (it clamps ``C`` to
         ``[reg * clip_min, reg * clip_max]``, defaults 0 and 5); here they are cost values,
         so pass ``clip_max=5 * epsilon`` with ``Sinkhorn(epsilon, relative_epsilon=None)``

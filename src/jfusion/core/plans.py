@@ -48,7 +48,7 @@ class PlanProducer(Protocol):
 
     A producer with a true ``relational`` attribute (a class variable) receives, for the
     groups with recurrent leaves (hidden-to-hidden kernels), a
-    :class:`jfusion.core.support.RelationalSupport` ``(features, relation)`` as ``support``
+    ``jfusion.core.support.RelationalSupport`` ``(features, relation)`` as ``support``
     and ``reference_support`` instead of the features alone (Gromov-Wasserstein fusion).
     """
 
@@ -135,7 +135,8 @@ class BalancedPlans:
     needs the slot's marginal, which ``coverage`` is not given.
 
     Attributes:
-      solver, metric: the OT solver and the ground metric.
+      solver: the OT solver.
+      metric: the ground metric.
       importance: the measures ``mu`` on both sides (:func:`jfusion.core.plans.importance_measure`):
         ``"uniform"`` (default, ``1/n``), or ``"l1"`` / ``"l2"``, OTFusion's importance: a
         neuron's mass is proportional to the norm of its support row, on the model's side

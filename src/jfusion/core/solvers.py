@@ -282,9 +282,10 @@ class Sinkhorn:
       threshold: tolerance (> 0) on the marginal error ``||T 1 - a||_1 + ...``.
       max_iterations: iteration cap (>= 1); a plan that hits it is reported with
         ``converged=False`` and jfusion warns (eagerly) or returns the flag (under jit).
-      tau_a, tau_b: how strictly the source (``a``, the model's neurons) and target (``b``,
-        the reference's) marginals are met, ``0 < tau <= 1``; 1 (default) is balanced OT.
-        :meth:`partial` is always balanced (its sink already absorbs the unmatched mass).
+      tau_a: how strictly the source marginal (``a``, the model's neurons) is met,
+        ``0 < tau <= 1``; 1 (default) is balanced OT. :meth:`partial` is always balanced
+        (its sink already absorbs the unmatched mass).
+      tau_b: the same for the target marginal (``b``, the reference's neurons).
 
     References:
       - Marco Cuturi. *Sinkhorn Distances: Lightspeed Computation of Optimal Transport.*

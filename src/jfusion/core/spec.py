@@ -298,7 +298,7 @@ class Spec:
 
     @property
     def residual_streams(self) -> tuple[str, ...]:
-        """The groups that are residual streams: summed outputs of layers reading different groups.
+        """The groups that are residual streams (summed outputs of layers reading different groups).
 
         A group is a stream when its incoming kernels (writers with dims besides the group;
         not biases or norms, and not recurrent kernels reading the group itself) read more

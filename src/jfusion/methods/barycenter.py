@@ -7,7 +7,7 @@ of the K layer measures. It is a ``lax.while_loop`` over the engine with the est
 the reference -- the same producer, transport and combine as :func:`jfusion.fuse`. With
 ``producer=GromovWassersteinPlans(...)`` the couplings of recurrent groups are fused
 Gromov-Wasserstein ones, the same paper's Gromov-Wasserstein barycenter (GWB,
-:mod:`jfusion.methods.gromov`).
+``jfusion.methods.gromov``).
 """
 
 from __future__ import annotations
