@@ -13,6 +13,12 @@ fixed-point iteration of their Gromov-Wasserstein cost. GWB (``barycenter_fuse``
 the barycenter. Activation alignment uses the hidden states at every step on 200 training
 images.
 
+The WB paper's claim is measured too: the loss barrier (``jfusion.loss_barrier``, git-re-basin's
+protocol: 25 lambdas, the maximum minus the endpoints' mean) along the segment from model 1 to
+model 2 aligned onto it by each method -- the method's fusion with model weights (0, 1), which
+is model 2 transported into model 1's basis; for vanilla averaging that is model 2 itself, the
+naive barrier -- on ``barrier_images`` test images, with one plot per cell.
+
     python examples/recurrent_fusion.py                        # the recorded run (~16 min on 2 CPU cores before the GWB rows)
     python examples/recurrent_fusion.py --quick --out /tmp/q   # smoke test, digits, seconds
 
@@ -27,6 +33,8 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -51,6 +59,7 @@ class Config:
     sinkhorn: bool = True  # also the most sweeps with the Sinkhorn solver
     train_subsample: int | None = None
     test_subsample: int | None = None
+    barrier_images: int = 2000  # test images of the loss-barrier curves
 
 
 def quick() -> Config:
@@ -58,32 +67,56 @@ def quick() -> Config:
     return Config(
         data=kit.quick_dataset(), cells=("gru",), hidden=16, seeds=(0, 1), epochs=3, batch_size=32,
         learning_rate=1e-2, activation_images=100, sweeps=(2,), gwb_alphas=(0.5,), sinkhorn=False, train_subsample=3000, test_subsample=1000,
+        barrier_images=200,
     )
 
 
-def methods(cfg: Config, model: RecurrentClassifier) -> dict[str, kit.Method]:
-    """name -> ``fusion(pair, inputs) -> variables``."""
+Fusion = Any  # (pair, inputs, model_weights or None) -> variables
+
+
+def methods(cfg: Config, model: RecurrentClassifier) -> dict[str, Fusion]:
+    """name -> ``fusion(pair, inputs, model_weights) -> variables`` (None: uniform weights)."""
     spec = model.spec()
-    out: dict[str, kit.Method] = {"vanilla average": lambda pair, inputs: jfusion.vanilla_average(pair).params}
+    out: dict[str, Fusion] = {"vanilla average": lambda pair, inputs, w: jfusion.vanilla_average(pair, model_weights=w).params}
     for sweeps in cfg.sweeps:
         label = "OT, weights (input-to-hidden only)" if sweeps == 1 else f"OT, weights, {sweeps} sweeps (+ hidden-to-hidden)"
         alignment = jfusion.ByWeights(sweeps=sweeps)
-        out[label] = lambda pair, inputs, a=alignment: jfusion.fuse(pair, spec, alignment=a).params
+        out[label] = lambda pair, inputs, w, a=alignment: jfusion.fuse(pair, spec, alignment=a, model_weights=w).params
     for alpha in cfg.gwb_alphas:
         producer = jfusion.GromovWassersteinPlans(alpha=alpha)
-        out[f"GWB, alpha={alpha} (fused Gromov-Wasserstein barycenter)"] = lambda pair, inputs, p=producer: jfusion.barycenter_fuse(
-            pair, spec, producer=p
+        out[f"GWB, alpha={alpha} (fused Gromov-Wasserstein barycenter)"] = lambda pair, inputs, w, p=producer: jfusion.barycenter_fuse(
+            pair, spec, producer=p, model_weights=w
         ).params
     activations = jfusion.ByActivations.from_module(model)
-    out[f"OT, activations ({cfg.activation_images} images)"] = lambda pair, inputs: jfusion.fuse(
-        pair, spec, alignment=activations, inputs=inputs
+    out[f"OT, activations ({cfg.activation_images} images)"] = lambda pair, inputs, w: jfusion.fuse(
+        pair, spec, alignment=activations, inputs=inputs, model_weights=w
     ).params
     if not cfg.sinkhorn:
         return out
     most = jfusion.ByWeights(sweeps=max(cfg.sweeps))
-    out[f"OT, weights, {max(cfg.sweeps)} sweeps, Sinkhorn"] = lambda pair, inputs: jfusion.fuse(
-        pair, spec, alignment=most, solver="sinkhorn"
+    out[f"OT, weights, {max(cfg.sweeps)} sweeps, Sinkhorn"] = lambda pair, inputs, w: jfusion.fuse(
+        pair, spec, alignment=most, solver="sinkhorn", model_weights=w
     ).params
+    return out
+
+
+def barriers(cfg: Config, model: RecurrentClassifier, fusions: dict[str, Fusion], cases: Sequence[kit.Case], data: kit.Data):
+    """Per method, the loss and accuracy barriers from model 1 to model 2 aligned onto it, over the pairs."""
+    images = jnp.asarray(data.xte[: cfg.barrier_images])
+    labels = jnp.asarray(data.yte[: cfg.barrier_images])
+
+    def metrics(variables):
+        logits = model.apply(variables, images)
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+    curve = jax.jit(lambda a, b: jfusion.loss_barrier(metrics, a, b))
+    onto_first = jnp.array([0.0, 1.0])
+    out = {}
+    for name, fusion in fusions.items():
+        label = "naive (model 2 as it is)" if name == "vanilla average" else name
+        aligned = jax.jit(lambda pair, inputs, f=fusion: f(pair, inputs, onto_first))
+        out[label] = [curve(case.models[0], aligned(case.models, case.inputs)) for case in cases]
     return out
 
 
@@ -102,9 +135,20 @@ def run_cell(cfg: Config, cell: str, data: kit.Data) -> dict[str, Any]:
         for p in range(len(cfg.seeds) // 2)
     ]
     rows.append(kit.Row("ensemble (logit average)", [kit.ensemble_accuracy(model.apply, c.models, data.xte, data.yte) for c in cases]))
-    rows += kit.evaluate_methods(methods(cfg, model), cases, score)
+    fusions = methods(cfg, model)
+    rows += kit.evaluate_methods({name: lambda pair, inputs, f=f: f(pair, inputs, None) for name, f in fusions.items()}, cases, score)
+    curves = barriers(cfg, model, fusions, cases, data)
     print(f"[{cell}] {len(cases)} pairs done", flush=True)
-    return {"rows": rows, "train_s": train_s}
+    return {"rows": rows, "train_s": train_s, "barriers": curves}
+
+
+def barrier_table(res: dict[str, Any]) -> kit.Table:
+    body = []
+    for name, results in res["barriers"].items():
+        loss = [float(r.barriers["loss"]) for r in results]
+        accuracy = [float(r.barriers["accuracy"]) for r in results]
+        body.append([name, kit.mean_std(loss, scale=1.0, digits=3), kit.mean_std(accuracy)])
+    return kit.Table(["model 2 aligned onto model 1 by", "loss barrier (mean ± std over pairs)", "accuracy barrier, points"], body)
 
 
 def plot(cfg: Config, results: dict[str, Any]) -> Any:
@@ -131,14 +175,25 @@ def main(argv: Sequence[str] | None = None) -> list:
     start = time.perf_counter()
     data = kit.load_data(cfg.data, cfg.train_subsample, cfg.test_subsample)
     results = {cell: run_cell(cfg, cell, data) for cell in cfg.cells}
-    tables = {
-        f"{cell.upper()} ({cfg.hidden} units; trained in {res['train_s']:.0f} s), test accuracy %": kit.rows_table(res["rows"], cases="pair")
+    tables = {}
+    for cell, res in results.items():
+        tables[f"{cell.upper()} ({cfg.hidden} units; trained in {res['train_s']:.0f} s), test accuracy %"] = kit.rows_table(res["rows"], cases="pair")
+        tables[f"{cell.upper()}: loss barrier on {cfg.barrier_images} test images, 25 lambdas"] = barrier_table(res)
+    out = kit.output_dir(args.out, args.quick, "recurrent_fusion")
+    out.mkdir(parents=True, exist_ok=True)
+    for cell, res in results.items():  # the first pair's curves
+        jfusion.plot_interpolation({name: curves[0] for name, curves in res["barriers"].items()}, out / f"recurrent_fusion_barrier_{cell}.png",
+                                   title=f"{cell.upper()}: model 1 to model 2 aligned onto it (first pair)", overwrite=True)
+    data_out = {
+        cell: {"rows": [dataclasses.asdict(r) for r in res["rows"]],
+               "barriers": {name: [{"lambdas": np.asarray(r.lambdas).tolist(), "values": {m: np.asarray(v).tolist() for m, v in r.values.items()},
+                                    "barriers": {m: float(v) for m, v in r.barriers.items()}} for r in curves]
+                            for name, curves in res["barriers"].items()}}
         for cell, res in results.items()
     }
     return kit.write_report(
-        kit.output_dir(args.out, args.quick, "recurrent_fusion"), "recurrent_fusion", title="Fusing recurrent networks: LSTM and GRU, images read row by row",
-        settings=dataclasses.asdict(cfg), tables=tables,
-        data={cell: [dataclasses.asdict(r) for r in res["rows"]] for cell, res in results.items()},
+        out, "recurrent_fusion", title="Fusing recurrent networks: LSTM and GRU, images read row by row",
+        settings=dataclasses.asdict(cfg), tables=tables, data=data_out,
         figures={"recurrent_fusion.png": plot(cfg, results)}, script="recurrent_fusion.py", argv=argv, runtime_s=time.perf_counter() - start,
     )
 

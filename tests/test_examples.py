@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -28,13 +29,23 @@ def test_recurrent_fusion_quick(tmp_path):
     blob = numbers(tmp_path, "recurrent_fusion")
     assert (tmp_path / "recurrent_fusion.png").is_file()
     assert blob["settings"]["data"] in ("digits", "fashion_mnist") and blob["versions"]["jax"]
-    for cell, rows in blob["data"].items():
-        by_name = {r["name"]: r["accuracy"] for r in rows}
+    for cell, result in blob["data"].items():
+        by_name = {r["name"]: r["accuracy"] for r in result["rows"]}
         assert {"vanilla average", "ensemble (logit average)", "OT, weights, 2 sweeps (+ hidden-to-hidden)",
-                "GWB, alpha=0.5 (fused Gromov-Wasserstein barycenter)", "OT, activations (100 images)"} <= set(by_name), cell
+                "OT, activations (100 images)", "GWB, alpha=0.5 (fused Gromov-Wasserstein barycenter)"} <= set(by_name), cell
         assert all(0.0 <= a <= 1.0 for accs in by_name.values() for a in accs)
         parents = [accs[0] for name, accs in by_name.items() if name.startswith("parent")]
         assert len(parents) == 2 and min(parents) > 0.2, parents  # chance is 0.1
+        assert (tmp_path / f"recurrent_fusion_barrier_{cell}.png").is_file()
+        curves = {name: runs[0] for name, runs in result["barriers"].items()}
+        naive = curves.pop("naive (model 2 as it is)")
+        assert len(naive["lambdas"]) == 25
+        for name, curve in curves.items():
+            # Every segment starts at model 1; every method here aligns by a permutation (exact
+            # plans, GWB rounded to one), so its far end is model 2 permuted: model 2's function.
+            for metric in ("loss", "accuracy"):
+                np.testing.assert_allclose(curve["values"][metric][0], naive["values"][metric][0], rtol=1e-5, err_msg=name)
+                np.testing.assert_allclose(curve["values"][metric][-1], naive["values"][metric][-1], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_real_architectures_quick(tmp_path):
