@@ -81,6 +81,8 @@ class Settings:
     diag_resnet: bool = True  # the alignment diagnostic on the ResNet too (quick: on the MLP only)
     resnet_weights: bool = True  # weight alignment on the ResNet too (quick: activations only there)
     control: bool = True  # the MLPNet control on the ResNets' budget (quick: skipped, it reruns the MLP programs)
+    weight_matching: bool = True  # jfusion.WeightMatching wherever weight alignment runs
+    repair: bool = True  # + REPAIR after weight matching and after activation alignment
 
     @property
     def resnet_name(self) -> str:
@@ -148,20 +150,37 @@ class Architecture:
 
 
 def fusion_methods(arch: Architecture, cfg: Settings) -> dict[str, tuple[kit.Method, dict[str, Any]]]:
-    """name -> (``method(pair, inputs)``, the ``align`` options it fuses with)."""
+    """name -> (``method(pair, inputs)``, the ``align`` options it fuses with).
+
+    Weight matching and activation alignment are also followed by REPAIR (``jfusion.repair``,
+    on the same inputs as activation alignment): every fused channel gets its aligned parents'
+    mean statistics, folded into the writers or, with BatchNorm, into the norms' affine
+    parameters."""
     spec, acts = arch.spec, arch.activations()
-    options: dict[str, dict[str, Any]] = {} if arch.bn and not cfg.resnet_weights else {"OT fusion, weights (exact)": {}}
+    weights = not arch.bn or cfg.resnet_weights
+    options: dict[str, dict[str, Any]] = {"OT fusion, weights (exact)": {}} if weights else {}
     if arch.bn and cfg.sweeps2:
         options["OT fusion, weights sweeps=2 (exact)"] = {"alignment": jfusion.ByWeights(sweeps=2)}
+    if weights and cfg.weight_matching:
+        options["weight matching (Git Re-Basin)"] = {"alignment": jfusion.WeightMatching()}
     options[f"OT fusion, activations (exact, {cfg.act_inputs} images)"] = {"alignment": acts}
     if cfg.sinkhorn:
         options[SINKHORN] = {"solver": "sinkhorn"}
     out: dict[str, tuple[kit.Method, dict[str, Any]]] = {
         "vanilla average": (lambda m, x: jfusion.vanilla_average(m).params, {})
     }
+    apply_kwargs = {"train": False} if arch.bn else None
     for name, kw in options.items():
         needs_inputs = "alignment" in kw and isinstance(kw["alignment"], jfusion.ByActivations)
         out[name] = (lambda m, x, kw=kw, n=needs_inputs: jfusion.fuse(m, spec, inputs=x if n else None, **kw).params, kw)
+        if cfg.repair and isinstance(kw.get("alignment"), (jfusion.ByActivations, jfusion.WeightMatching)):
+
+            def repaired(m, x, kw=kw, n=needs_inputs):
+                alignment = jfusion.align(m, spec, inputs=x if n else None, **kw)
+                fused = jax.tree.map(lambda a: jnp.mean(a, axis=0), alignment.aligned)  # uniform weights: fuse's average
+                return jfusion.repair(fused, alignment, spec, x, model=arch.model, apply_kwargs=apply_kwargs).params
+
+            out[name + " + REPAIR"] = (repaired, kw)
     return out
 
 
@@ -187,7 +206,7 @@ def run_architecture(arch: Architecture, test: tuple[np.ndarray, np.ndarray], po
     print(f"[{arch.title}] " + "; ".join(f"{r.name}: {kit.mean_std(r.accuracy)}" for r in rows), flush=True)
     result: dict[str, Any] = {"rows": rows, "diag": {}, "notes": []}
     if cfg.diag_inputs and (cfg.diag_resnet or not arch.bn):
-        diagnose(arch, cases[0], {n: kw for n, (_, kw) in methods.items() if n != "vanilla average"},
+        diagnose(arch, cases[0], {n: kw for n, (_, kw) in methods.items() if n != "vanilla average" and not n.endswith(" + REPAIR")},
                  jnp.asarray(holdout[: cfg.diag_inputs]), result)
     return result
 

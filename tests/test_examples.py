@@ -56,14 +56,16 @@ def test_real_architectures_quick(tmp_path):
     assert set(blob["data"]) == {"MLPNet", blob["settings"]["resnet_name"]}  # the control is skipped in quick mode
     for title, result in blob["data"].items():
         by_name = {r["name"]: r["accuracy"] for r in result["rows"]}
-        expected = {"ensemble (logit average)", "vanilla average", "OT fusion, activations (exact, 64 images)"}
+        activations = "OT fusion, activations (exact, 64 images)"
+        expected = {"ensemble (logit average)", "vanilla average", activations, activations + " + REPAIR"}
         if title == "MLPNet":  # quick mode aligns the ResNet by activations only
-            expected.add("OT fusion, weights (exact)")
+            expected |= {"OT fusion, weights (exact)", "weight matching (Git Re-Basin)", "weight matching (Git Re-Basin) + REPAIR"}
         assert expected <= set(by_name), title
         assert all(0.0 <= a <= 1.0 for accs in by_name.values() for a in accs)
         if title == "MLPNet":
             assert min(accs[0] for name, accs in by_name.items() if name.startswith("parent")) > 0.3
-            assert set(result["diag"]) == {"unaligned"} | expected - {"ensemble (logit average)", "vanilla average"}
+            aligned = {name for name in expected - {"ensemble (logit average)", "vanilla average"} if not name.endswith("REPAIR")}
+            assert set(result["diag"]) == {"unaligned"} | aligned
     resnet = {r["name"] for r in blob["data"][blob["settings"]["resnet_name"]]["rows"]}
     assert "OT fusion, activations (exact, 64 images) + BN recal" in resnet
 
