@@ -12,6 +12,9 @@ structured group (:class:`jfusion.Heads` ``f"b{i}"``, with members ``b{i}.qk`` a
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,6 +70,10 @@ class ViT(nn.Module):
         """This model's Spec (see :func:`vit_spec`)."""
         return vit_spec(self.blocks)
 
+    def activations(self) -> "ViTActivations":
+        """Every group's activations, for ``jfusion.ByActivations(model.activations())``."""
+        return ViTActivations(self)
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim == 3:
@@ -109,3 +116,39 @@ def vit_spec(blocks: int) -> Spec:
     entries.update(layer_norm("ln", "r"))
     entries.update(dense("head", "r", None))
     return Spec(entries)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTActivations:
+    """A :class:`ViT`'s activations per group, captured from its submodules' outputs.
+
+    ``r``: the outputs of the patch embedding and of every attention and MLP (what each
+    writes to the stream); ``b{i}.qk``: the queries and the keys of block ``i``, ``(B, N, H,
+    hd)`` flattened head-major to ``H * hd`` features (the layout of the Spec's member
+    group); ``b{i}.vo``: its values; ``b{i}.mlp``: its MLP's pre-activations. Values of one
+    group are stacked along the sample axis. Hashable, so ``jit`` caches its programs.
+    """
+
+    module: ViT
+
+    def __call__(self, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
+        _, state = self.module.apply(variables, inputs, capture_intermediates=True, mutable=["intermediates"])
+        got = state["intermediates"]
+
+        def out(*path: str, heads: bool = False) -> jax.Array:
+            node = got
+            for name in path:
+                node = node[name]
+            value = node["__call__"][0]
+            return value.reshape(-1, value.shape[-2] * value.shape[-1] if heads else value.shape[-1])
+
+        streams = [out("embed")]
+        groups: dict[str, jax.Array] = {}
+        for i in range(self.module.blocks):
+            block = f"block{i}"
+            streams += [out(block, "attn"), out(block, "fc2")]
+            attn = (block, "attn")
+            groups[f"b{i}.qk"] = jnp.concatenate([out(*attn, "query", heads=True), out(*attn, "key", heads=True)])
+            groups[f"b{i}.vo"] = out(*attn, "value", heads=True)
+            groups[f"b{i}.mlp"] = out(block, "fc1")
+        return {"r": jnp.concatenate(streams), **groups}
