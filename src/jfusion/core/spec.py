@@ -55,6 +55,13 @@ class Heads:
     projections (contracted together in ``q . k``, so nothing reads it), and ``vo``, shared
     by the value projection and the output projection's input.
 
+    Attributes:
+      name: the structured group's name (one per attention layer); its members share the
+        head permutation.
+      count: the number of heads, for a view such as ``("r", (Heads("b0", 4), "b0.qk"))``
+        (a Dense kernel with ``H * hd`` outputs) where no other leaf sizes them; None reads
+        it from the leaves.
+
     Examples:
       >>> import jfusion
       >>> from jfusion import Heads
@@ -72,13 +79,16 @@ class Heads:
     """
 
     name: str
+    count: int | None = None  # the number of heads, for a view that no other leaf sizes
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise SpecError(f"Heads needs the structured group's name, a non-empty string, not {self.name!r}")
+        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
+            raise SpecError(f"Heads({self.name!r}): count is the number of heads, an int >= 1 or None, not {self.count!r}")
 
     def __repr__(self) -> str:
-        return f"Heads({self.name!r})"
+        return f"Heads({self.name!r})" if self.count is None else f"Heads({self.name!r}, {self.count})"
 
 
 Dim = Union[str, int, None, Heads]
@@ -498,6 +508,11 @@ class Spec:
                     f"labels {len(leaf.axes)}: {leaf.axes}"
                 )
         # Plain axes fix sizes directly; views may need sizes that only other leaves give.
+        for leaf in self.leaves:
+            for dims in leaf.axis_dims:
+                for d in dims:
+                    if isinstance(d, Heads) and d.count is not None:
+                        record(d.name, d.count, f"{leaf.path} ({d!r})")
         pending = []
         for leaf in self.leaves:
             shape = tuple(shapes[leaf.path])
