@@ -101,11 +101,15 @@ def perturb_constant_leaves(variables: PyTree, key: jax.Array) -> PyTree:
     out = {}
     for (path, x), k in zip(leaves.items(), jax.random.split(key, max(len(leaves), 1))):
         x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.size < 2 or not bool(jnp.all(x == x.reshape(-1)[0])):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.size < 2:
             out[path] = x
             continue
-        constant = x.reshape(-1)[0]
-        if bool(constant > 0):
+        values = np.asarray(x)  # on the host: no program compiled per leaf shape
+        constant = values.reshape(-1)[0]
+        if not (values == constant).all():
+            out[path] = x
+            continue
+        if constant > 0:
             noisy = x * jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5)
         else:
             noisy = x + 0.1 * jnp.maximum(jnp.abs(constant), 1.0) * jax.random.normal(k, x.shape)
