@@ -323,7 +323,7 @@ class Spec:
       groups: every group, in the order they are solved (inputs before the groups they feed).
       units: the steps of that order: a group, or a ``Heads`` name whose members (adjacent
         in ``groups``) are solved together by a two-level plan.
-      heads: ``((Heads name, member groups), ...)``: the structured groups (:class:`Heads`).
+      heads: ``((Heads name, member groups), ...)``: the structured groups (:class:`jfusion.Heads`).
 
     Examples:
       A Dense layer of 8 hidden neurons (group ``h0``) and a logits layer, by hand and
@@ -467,7 +467,7 @@ class Spec:
     def validate(self, shapes: Mapping[str, Sequence[int]], model: str = "model") -> dict[str, int]:
         """Check the spec against one model's ``{path: shape}``; return its group widths.
 
-        A member group of :class:`Heads` has the width ``H * hd``; the ``Heads`` name maps to
+        A member group of :class:`jfusion.Heads` has the width ``H * hd``; the ``Heads`` name maps to
         its head count ``H``.
 
         Raises SpecError naming the path, the axis, and the expected and found sizes.
@@ -763,7 +763,7 @@ def attention(
 
     The ``query``, ``key`` and ``value`` kernels are ``(d, H, hd)`` and their biases
     ``(H, hd)``; the ``out`` kernel is ``(H, hd, d)`` and its bias ``(d,)``. The heads are
-    :class:`Heads` ``heads``, with two members: ``f"{heads}.qk"``, the dims shared by the
+    :class:`jfusion.Heads` ``heads``, with two members: ``f"{heads}.qk"``, the dims shared by the
     queries and keys (``softmax(q k^T / sqrt(hd)) v`` contracts them with each other), and
     ``f"{heads}.vo"``, those of the values, read by the output projection.
 
