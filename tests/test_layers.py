@@ -47,7 +47,7 @@ def test_the_builders_reproduce_the_hand_written_reference_specs(call):
 
 def test_public_namespace():
     assert "layers" in jfusion.__all__
-    assert set(layers.__all__) == {"batch_norm", "bias", "conv", "dense", "embed", "layer_norm"}
+    assert set(layers.__all__) == {"attention", "batch_norm", "bias", "conv", "dense", "embed", "layer_norm"}
 
 
 def test_linen_and_nnx_paths():

@@ -31,6 +31,12 @@ def permute(
     Returns the permuted pytree and ``{group: perm}``, where new neuron ``q`` is old neuron
     ``perm[q]``; the network computes the same function.
 
+    Structured groups (:class:`jfusion.Heads`) are permuted as attention allows: a ``Heads``
+    name in ``groups`` draws a permutation ``pi`` of its heads (returned under that name),
+    shared by all its members; a member group draws one permutation ``s_h`` of the dims
+    inside each head. The member's flat permutation (its width is ``H * hd``) is then
+    ``perm[q hd + j] = pi[q] hd + s_q[j]`` (identities for what is not drawn).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jfusion
       >>> from jfusion.models import MLP, mlp_spec
@@ -47,10 +53,31 @@ def permute(
     """
     leaves, treedef = flatten(params)
     widths = spec.validate({p: np.shape(x) for p, x in leaves.items()}, "params")
-    chosen = spec.groups if groups is None else groups
-    perms = {g: jax.random.permutation(k, widths[g]) for g, k in zip(chosen, jax.random.split(key, len(chosen)))}
+    heads = dict(spec.heads)
+    chosen = spec.groups + tuple(heads) if groups is None else groups
+    members = {g: name for name, gs in heads.items() for g in gs}
+    drawn = dict(zip(chosen, jax.random.split(key, len(chosen))))
+    perms = {name: jax.random.permutation(drawn[name], widths[name]) for name in heads if name in drawn}
+    for g in spec.groups:
+        if g not in members:
+            if g in drawn:
+                perms[g] = jax.random.permutation(drawn[g], widths[g])
+            continue
+        name = members[g]
+        if g not in drawn and name not in drawn:
+            continue
+        count = widths[name]
+        size = widths[g] // count
+        order = perms.get(name, jnp.arange(count))
+        inside = (
+            jax.vmap(lambda k: jax.random.permutation(k, size))(jax.random.split(drawn[g], count))
+            if g in drawn
+            else jnp.broadcast_to(jnp.arange(size), (count, size))
+        )
+        perms[g] = (order[:, None] * size + inside).reshape(-1)
     leaves = {p: jnp.asarray(x) for p, x in leaves.items()}
-    return unflatten(treedef, permute_groups(leaves, spec, perms, widths)), perms
+    moved = permute_groups(leaves, spec, {g: p for g, p in perms.items() if g not in heads}, widths)
+    return unflatten(treedef, moved), perms
 
 
 def _max_difference(a: PyTree, b: PyTree) -> float:
@@ -74,11 +101,15 @@ def perturb_constant_leaves(variables: PyTree, key: jax.Array) -> PyTree:
     out = {}
     for (path, x), k in zip(leaves.items(), jax.random.split(key, max(len(leaves), 1))):
         x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.size < 2 or not bool(jnp.all(x == x.reshape(-1)[0])):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.size < 2:
             out[path] = x
             continue
-        constant = x.reshape(-1)[0]
-        if bool(constant > 0):
+        values = np.asarray(x)  # on the host: no program compiled per leaf shape
+        constant = values.reshape(-1)[0]
+        if not (values == constant).all():
+            out[path] = x
+            continue
+        if constant > 0:
             noisy = x * jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5)
         else:
             noisy = x + 0.1 * jnp.maximum(jnp.abs(constant), 1.0) * jax.random.normal(k, x.shape)
@@ -98,8 +129,9 @@ def check_spec(
     """Raise SpecError unless random permutations of the spec's groups keep the outputs.
 
     Permutes all groups at once and compares ``apply_fn(variables, x)`` before and after
-    (tolerance ``rtol`` times the outputs' largest magnitude). On a mismatch, each group is
-    permuted alone to name the groups -- and their leaves -- that break the function. The
+    (tolerance ``rtol`` times the outputs' largest magnitude). On a mismatch, each group (and
+    each :class:`jfusion.Heads` name, its head order) is permuted alone to name the groups --
+    and their leaves -- that break the function. The
     check runs on a copy of ``variables`` whose constant leaves were perturbed
     (:func:`jfusion.check.perturb_constant_leaves`), so it also sees through ``model.init`` output.
 
@@ -132,15 +164,17 @@ def check_spec(
     if error <= tolerance:
         return
     culprits = []
-    for group, k in zip(spec.groups, jax.random.split(key, len(spec.groups))):
+    units = spec.groups + tuple(name for name, _ in spec.heads)
+    for group, k in zip(units, jax.random.split(key, len(units))):
         alone, perm = permute(variables, spec, k, groups=(group,))
         if bool(jnp.all(perm[group] == jnp.arange(perm[group].shape[0]))):
             continue
         group_error = _max_difference(reference, apply_fn(alone, x))
         if group_error > tolerance:
+            of = dict(spec.heads).get(group, (group,))
             culprits.append(
                 f"  group {group!r} (outputs change by {group_error:.3g}): its leaves "
-                f"{[leaf.path for leaf in spec.leaves_of(group)]}"
+                f"{list(dict.fromkeys(leaf.path for g in of for leaf in spec.leaves_of(g)))}"
             )
     detail = (
         "\n".join(culprits)

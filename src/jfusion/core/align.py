@@ -116,7 +116,8 @@ class EngineOutput(NamedTuple):
     Attributes:
       aligned: ``{path: (K, ...)}``: every model transported into the fused layout.
       received: ``{group: (K, m)}``: the mass each model's plan sends to each fused slot.
-      plans: ``{group: OTResult}``, every field with a leading K axis; for models of
+      plans: ``{group: OTResult}`` (and the head plan of every ``Heads`` name), every
+        field with a leading K axis; for models of
         different widths the ``plan`` field is a tuple of K arrays of their own shapes.
       reference: the reference's leaves (what a non-float leaf keeps).
     """
@@ -252,6 +253,13 @@ def prepare(
                 f"floating-point leaves can be transported; label it with None on every axis "
                 f"(it then keeps the target's value)"
             )
+    for name, _ in spec.heads:
+        for k in range(num):
+            if all_widths[k][name] != reference_widths[name]:
+                raise FusionInputError(
+                    f"model {k}: Heads({name!r}) has {all_widths[k][name]} heads but the target has "
+                    f"{reference_widths[name]}; structured plans need equal head counts"
+                )
     for k in range(num):
         shapes = models.shapes(k)
         for leaf in spec.leaves:
@@ -317,15 +325,19 @@ def _activations(config: EngineConfig, leaves, inputs, index: int | None):
 
 
 def _steps(config: EngineConfig):
-    """``(group, solved)`` per step: every group of every sweep, with the groups that have a plan.
+    """``(unit, solved)`` per step: every unit (a group, or a ``Heads`` name for its members)
+    of every sweep, with the groups that have a plan.
 
     Static, so the reference's and every model's supports use the same leaves and layout.
     """
-    groups = config.spec.groups
+    spec = config.spec
+    heads = dict(spec.heads)
     sweeps = config.alignment.sweeps if not isinstance(config.alignment, ByActivations) else 1
     for sweep in range(sweeps):
-        for i, group in enumerate(groups):
-            yield group, frozenset(groups if sweep else groups[:i])
+        solved: list[str] = []
+        for unit in spec.units:
+            yield unit, frozenset(spec.groups if sweep else solved)
+            solved.extend(heads.get(unit, (unit,)))
 
 
 def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Array | RelationalSupport:
@@ -341,6 +353,18 @@ def _support(config, leaves, widths, activations, maps, solved, group) -> jax.Ar
     return features if relation is None else RelationalSupport(features, relation)
 
 
+def _step_support(config, leaves, widths, activations, maps, solved, unit):
+    """A group's support, or for a ``Heads`` name one ``(H, hd, d)`` support per member."""
+    members = dict(config.spec.heads).get(unit)
+    if members is None:
+        return _support(config, leaves, widths, activations, maps, solved, unit)
+    count = widths[unit]
+    return tuple(
+        _support(config, leaves, widths, activations, maps, solved, g).reshape(count, widths[g] // count, -1)
+        for g in members
+    )
+
+
 def _record(results, maps, group, result, width) -> None:
     if result is None:
         results[group] = identity_result(width)
@@ -350,15 +374,31 @@ def _record(results, maps, group, result, width) -> None:
         maps[group] = group_map(result.plan)
 
 
+def _record_step(config, results, maps, unit, result, widths) -> None:
+    """Record a group's plan, or a ``Heads`` name's :class:`HeadPlans` (None: identities)."""
+    members = dict(config.spec.heads).get(unit)
+    if members is None:
+        _record(results, maps, unit, result, widths[unit])
+        return
+    results[unit] = identity_result(widths[unit]) if result is None else result.heads
+    for i, g in enumerate(members):
+        _record(results, maps, g, None if result is None else result.members[i], widths[g])
+
+
 def _reference_pass(config, leaves, activations):
-    """The reference's own plans and its support at every step (its plans depend on it alone)."""
+    """The reference's own plans and its support at every step (its plans depend on it alone).
+
+    The reference keeps its own heads (identities) for every ``Heads`` name.
+    """
     widths = dict(config.reference_widths)
+    heads = dict(config.spec.heads)
     results: dict[str, OTResult] = {}
     maps: dict[str, GroupMap] = {}
     supports = []
-    for group, solved in _steps(config):
-        y = _support(config, leaves, widths, activations, maps, solved, group)
-        _record(results, maps, group, config.producer.reference_plan(group, y), widths[group])
+    for unit, solved in _steps(config):
+        y = _step_support(config, leaves, widths, activations, maps, solved, unit)
+        plan = None if unit in heads else config.producer.reference_plan(unit, y)
+        _record_step(config, results, maps, unit, plan, widths)
         supports.append(y)
     aligned = transport_model(leaves, config.spec.leaves, maps, widths)
     return aligned, results, supports
@@ -366,12 +406,29 @@ def _reference_pass(config, leaves, activations):
 
 def _model_pass(config, leaves, widths, activations, reference_supports, model):
     """One model's plans against the reference's supports, and the model transported by them."""
+    heads = dict(config.spec.heads)
     results: dict[str, OTResult] = {}
     maps: dict[str, GroupMap] = {}
-    for (group, solved), y in zip(_steps(config), reference_supports):
-        x = _support(config, leaves, widths, activations, maps, solved, group)
-        _record(results, maps, group, config.producer.plan(group, x, y, model), widths[group])
+    for (unit, solved), y in zip(_steps(config), reference_supports):
+        x = _step_support(config, leaves, widths, activations, maps, solved, unit)
+        producer = config.producer
+        plan = producer.head_plans(unit, x, y, model) if unit in heads else producer.plan(unit, x, y, model)
+        _record_step(config, results, maps, unit, plan, widths)
     return transport_model(leaves, config.spec.leaves, maps, widths), results
+
+
+def _check_heads(config: EngineConfig) -> None:
+    """Structured groups need a producer with ``head_plans`` and alignment step by step."""
+    if not config.spec.heads:
+        return
+    names = [name for name, _ in config.spec.heads]
+    if isinstance(config.alignment, WeightMatching):
+        raise FusionInputError(f"WeightMatching does not solve structured groups {names}; use ByWeights or ByActivations")
+    if not hasattr(config.producer, "head_plans"):
+        raise FusionInputError(
+            f"the spec has structured groups {names} (jfusion.Heads), but the method's producer "
+            f"{type(config.producer).__name__} has no head_plans to solve them"
+        )
 
 
 def _take(tree, index):
@@ -406,6 +463,7 @@ def _vmapped_passes(config: EngineConfig, models, acts, reference_supports, inde
 
 def align_models(config: EngineConfig, models, reference_leaves, inputs) -> EngineOutput:
     """The traced engine (see the module docstring); pure, called inside ``jit``."""
+    _check_heads(config)
     by_activations = isinstance(config.alignment, ByActivations)
     num, r = config.num_models, config.reference
     if config.vectorized:
@@ -443,7 +501,7 @@ def align_models(config: EngineConfig, models, reference_leaves, inputs) -> Engi
             mine = index == r
             aligned = {p: _select(mine, ref_aligned[p], x) for p, x in aligned.items()}
             results = {g: OTResult(*map(functools.partial(_select, mine), ref_results[g], res)) for g, res in results.items()}
-        received = {g: res.plan.sum(axis=1) for g, res in results.items()}
+        received = {g: results[g].plan.sum(axis=1) for g in config.spec.groups}
         return EngineOutput(aligned, received, results, ref_leaves)
     if config.vectorized and others:
         index = np.asarray(others, np.int32)
@@ -467,7 +525,7 @@ def align_models(config: EngineConfig, models, reference_leaves, inputs) -> Engi
     groups = config.spec.groups
     received = {g: jnp.stack([res[g].plan.sum(axis=0) for _, res in order]) for g in groups}
     plans = {}
-    for g in groups:
+    for g in groups + tuple(name for name, _ in config.spec.heads):
         fields = [res[g] for _, res in order]
         shapes = {f.plan.shape for f in fields}
         plans[g] = OTResult(

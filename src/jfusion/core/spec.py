@@ -24,6 +24,14 @@ The group on a leaf's last dim is its *output* group (Flax puts the output featu
 the leaf is one of that group's incoming weights (kernel rows, bias, norm parameters). Its
 other groups are its *inputs*. Groups are solved in topological order of that relation.
 Group sizes are read from each model, so widths may differ between models.
+
+Attention heads are *structured groups*: ``Heads(name)`` labels the axis (or view dim) that
+indexes the heads, and the dim right after it carries a *member* group, the dims inside each
+head. ``query/kernel (d, H, hd)`` is ``("r", Heads("b0"), "b0.qk")``, ``out/kernel (H, hd,
+d)`` is ``(Heads("b0"), "b0.vo", "r")``. Internally the pair is one flattened ``H * hd``
+dim of the member group (C order: head-major), so transport and supports see a plain group;
+every member of one ``Heads`` name shares its head permutation, and is solved in one step by a
+two-level plan (:func:`jfusion.core.plans.head_plans`).
 """
 
 from __future__ import annotations
@@ -34,27 +42,76 @@ from typing import Iterable, Mapping, Sequence, Union
 
 from jfusion.core.errors import SpecError
 
-Dim = Union[str, int, None]
-Entry = Union[str, None, tuple]
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """The heads axis of a structured group: blocks of neurons permuted as wholes.
+
+    In a leaf's axes, ``Heads(name)`` labels the axis (or view dim) that indexes the ``H``
+    attention heads; the dim right after it must carry a group, the *member*: the ``hd``
+    dims inside each head. The pair is one group of width ``H * hd`` (head-major), permuted
+    only by ``P = sum_h e_h e_pi(h)^T (x) S_h``: a permutation ``pi`` of the heads, shared
+    by every member of ``name``, and one permutation ``S_h`` per head and member. Multi-head
+    attention (Vaswani et al. 2017) has two members: ``qk``, shared by the query and key
+    projections (contracted together in ``q . k``, so nothing reads it), and ``vo``, shared
+    by the value projection and the output projection's input.
+
+    Attributes:
+      name: the structured group's name (one per attention layer); its members share the
+        head permutation.
+      count: the number of heads, for a view such as ``("r", (Heads("b0", 4), "b0.qk"))``
+        (a Dense kernel with ``H * hd`` outputs) where no other leaf sizes them; None reads
+        it from the leaves.
+
+    Examples:
+      >>> import jfusion
+      >>> from jfusion import Heads
+      >>> spec = jfusion.Spec({**jfusion.layers.dense("embed", None, "r"),
+      ...     **jfusion.layers.attention("attn", "r", "b0")})
+      >>> spec.heads, spec.units
+      ((('b0', ('b0.qk', 'b0.vo')),), ('r', 'b0'))
+      >>> spec["params/attn/out/kernel"].dims  # the (H, hd) pair is one dim of the member
+      ('b0.vo', 'r')
+
+    References:
+      - Ashish Vaswani et al. *Attention Is All You Need.* NeurIPS 2017.
+      - Moritz Imfeld, Jacopo Graldi, Marco Giordano, Thomas Hofmann, Sotiris Anagnostidis
+        and Sidak Pal Singh. *Transformer Fusion with Optimal Transport.* ICLR 2024.
+    """
+
+    name: str
+    count: int | None = None  # the number of heads, for a view that no other leaf sizes
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"Heads needs the structured group's name, a non-empty string, not {self.name!r}")
+        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
+            raise SpecError(f"Heads({self.name!r}): count is the number of heads, an int >= 1 or None, not {self.count!r}")
+
+    def __repr__(self) -> str:
+        return f"Heads({self.name!r})" if self.count is None else f"Heads({self.name!r}, {self.count})"
+
+
+Dim = Union[str, int, None, Heads]
+Entry = Union[str, None, tuple, Heads]
 
 
 def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
-    if entry is None or isinstance(entry, str):
+    if entry is None or isinstance(entry, (str, Heads)):
         return (entry,)
     if isinstance(entry, (tuple, list)):
         dims = tuple(entry)
         if not dims:
             raise SpecError(f"{path}: axis {axis} has an empty view; give at least one dim")
         for d in dims:
-            if not (d is None or isinstance(d, str) or (isinstance(d, int) and d > 0)):
+            if not (d is None or isinstance(d, (str, Heads)) or (isinstance(d, int) and d > 0)):
                 raise SpecError(
-                    f"{path}: axis {axis} view dim {d!r} must be a group name, a positive int or None"
+                    f"{path}: axis {axis} view dim {d!r} must be a group name, Heads(name), a positive int or None"
                 )
         if sum(d is None for d in dims) > 1:
             raise SpecError(f"{path}: axis {axis} view {dims} has more than one inferred (None) dim")
         return dims
     raise SpecError(
-        f"{path}: axis {axis} entry {entry!r} must be a group name, None, or a tuple (a view)"
+        f"{path}: axis {axis} entry {entry!r} must be a group name, None, Heads(name), or a tuple (a view)"
     )
 
 
@@ -73,10 +130,12 @@ class LeafSpec:
 
     Attributes:
       path: the leaf's "/"-joined path.
-      axes: one entry per axis of the leaf (a group name, None, or a view tuple).
+      axes: one entry per axis of the leaf (a group name, None, ``Heads(name)`` or a view tuple).
       axis_dims: per axis, the view dims it is reshaped into (a plain axis is one dim).
-      dims: ``axis_dims`` flattened: the leaf's dims in view layout.
+      dims: ``axis_dims`` flattened, each ``(Heads(name), member)`` pair merged into one dim
+        of the member group: the leaf's dims in view layout.
       dim_groups: per view dim, the group it carries, or None.
+      dim_heads: per view dim, the ``Heads`` name of a member group's dim, or None.
       output_group: the group on the last view dim (the leaf's output), or None.
       input_groups: the groups on other dims, in order, without repeats.
       groups: every group the leaf carries, inputs first.
@@ -87,13 +146,31 @@ class LeafSpec:
     axis_dims: tuple[tuple[Dim, ...], ...] = dataclasses.field(init=False, repr=False, compare=False)
     dims: tuple[Dim, ...] = dataclasses.field(init=False, repr=False, compare=False)
     dim_groups: tuple[str | None, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    dim_heads: tuple[str | None, ...] = dataclasses.field(init=False, repr=False, compare=False)
     output_group: str | None = dataclasses.field(init=False, repr=False, compare=False)
     input_groups: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
     groups: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         axis_dims = _parse_axes(self.path, self.axes)
-        dims = tuple(d for per_axis in axis_dims for d in per_axis)
+        raw = [(axis, d) for axis, per_axis in enumerate(axis_dims) for d in per_axis]
+        dims: list[Dim] = []
+        heads: list[str | None] = []
+        for i, (axis, d) in enumerate(raw):
+            if isinstance(d, Heads):
+                member = raw[i + 1][1] if i + 1 < len(raw) else None
+                if not isinstance(member, str):
+                    raise SpecError(
+                        f"{self.path}: axis {axis} is {d!r}, which must be followed by the dim of a "
+                        f"group (the dims inside each head), but the next dim is "
+                        f"{'missing' if i + 1 == len(raw) else repr(member)}"
+                    )
+            elif i and isinstance(raw[i - 1][1], Heads):
+                dims.append(d)
+                heads.append(raw[i - 1][1].name)
+            else:
+                dims.append(d)
+                heads.append(None)
         dim_groups = tuple(d if isinstance(d, str) else None for d in dims)
         output = dim_groups[-1] if dims else None
         inputs = tuple(dict.fromkeys(g for g in dim_groups[:-1] if g is not None))
@@ -101,20 +178,30 @@ class LeafSpec:
         for name, value in [
             ("axes", tuple(self.axes)),
             ("axis_dims", axis_dims),
-            ("dims", dims),
+            ("dims", tuple(dims)),
             ("dim_groups", dim_groups),
+            ("dim_heads", tuple(heads)),
             ("output_group", output),
             ("input_groups", inputs),
             ("groups", groups),
         ]:
             object.__setattr__(self, name, value)
 
-    def view_shape(self, shape: Sequence[int], widths: Mapping[str, int]) -> tuple[int, ...]:
-        """The leaf's shape in view dims, for a leaf of ``shape`` and the given group widths."""
-        out: list[int] = []
+    def _axis_sizes(self, shape: Sequence[int], widths: Mapping[str, int]) -> list[list[int]]:
+        """Per axis, the sizes of its dims before merging heads (a member dim: per head)."""
+        out: list[list[int]] = []
+        previous: Dim = None
         for axis, dims in enumerate(self.axis_dims):
             size = shape[axis]
-            known = [widths[d] if isinstance(d, str) else d for d in dims]
+            known: list[int | None] = []
+            for d in dims:
+                if isinstance(d, Heads):
+                    known.append(widths[d.name])
+                elif isinstance(d, str):
+                    known.append(widths[d] // widths[previous.name] if isinstance(previous, Heads) else widths[d])
+                else:
+                    known.append(d)
+                previous = d
             if None in known:
                 rest = math.prod(k for k in known if k is not None)
                 if rest == 0 or size % rest:
@@ -128,48 +215,98 @@ class LeafSpec:
                     f"{self.path}: axis {axis} has size {size}, but the view {dims} gives "
                     f"{' x '.join(map(str, known))} = {math.prod(known)}"
                 )
-            out.extend(known)
+            out.append(known)
+        return out
+
+    def view_shape(self, shape: Sequence[int], widths: Mapping[str, int]) -> tuple[int, ...]:
+        """The leaf's shape in view dims, for a leaf of ``shape`` and the given group widths.
+
+        ``widths`` holds every group's width and every ``Heads`` name's head count; a member
+        group's width is its flattened ``H * hd``.
+        """
+        sizes = [s for per_axis in self._axis_sizes(shape, widths) for s in per_axis]
+        raw = [d for per_axis in self.axis_dims for d in per_axis]
+        out: list[int] = []
+        for i, (d, size) in enumerate(zip(raw, sizes)):
+            out.append(size * out.pop() if i and isinstance(raw[i - 1], Heads) else size)
         return tuple(out)
 
     def shape_for(self, shape: Sequence[int], widths: Mapping[str, int], new_widths: Mapping[str, int]) -> tuple[int, ...]:
         """The shape this leaf takes when its groups have ``new_widths`` instead of ``widths``."""
-        view = self.view_shape(shape, widths)
-        view = [new_widths[g] if g is not None else s for g, s in zip(self.dim_groups, view)]
-        out, i = [], 0
-        for dims in self.axis_dims:
-            out.append(math.prod(view[i : i + len(dims)]))
-            i += len(dims)
+        out = []
+        previous: Dim = None
+        for dims, sizes in zip(self.axis_dims, self._axis_sizes(shape, widths)):
+            new = []
+            for d, size in zip(dims, sizes):
+                if isinstance(d, Heads):
+                    new.append(new_widths[d.name])
+                elif isinstance(d, str):
+                    heads = new_widths[previous.name] if isinstance(previous, Heads) else 1
+                    new.append(new_widths[d] // heads)
+                else:
+                    new.append(size)
+                previous = d
+            out.append(math.prod(new))
         return tuple(out)
 
 
-def _order(leaves: Sequence[LeafSpec], writers: Mapping[str, tuple[LeafSpec, ...]]) -> tuple[str, ...]:
-    """Every group, each after the groups feeding it where the topology allows.
+def _order(
+    leaves: Sequence[LeafSpec],
+    writers: Mapping[str, tuple[LeafSpec, ...]],
+    heads: Mapping[str, tuple[str, ...]] = {},
+) -> tuple[str, ...]:
+    """Every unit (a group, or a ``Heads`` name standing for its members), each after the
+    groups feeding it where the topology allows.
 
     A residual stream feeds the blocks that write back into it, so streams make the "feeds"
-    relation cyclic. When no group has all its inputs solved, the next one is a group with at
+    relation cyclic. When no unit has all its inputs solved, the next one is a unit with at
     least one writer whose inputs are all solved -- the stem or the projection shortcut that
     opens the stream; its other writers join its support in a second sweep
     (:class:`jfusion.ByWeights`). OTFusion likewise takes a stream's map from its earliest layer.
     """
-    names = list(dict.fromkeys(g for leaf in leaves for g in leaf.groups))
+    member_of = {g: name for name, members in heads.items() for g in members}
+    names = list(dict.fromkeys(member_of.get(g, g) for leaf in leaves for g in leaf.groups))
+    members = {u: heads.get(u, (u,)) for u in names}
+    unit_writers = {u: tuple(w for g in members[u] for w in writers[g]) for u in names}
 
-    def inputs(leaf: LeafSpec, group: str) -> set[str]:
-        return {g for g in leaf.input_groups if g != group}
+    def inputs(leaf: LeafSpec, unit: str) -> set[str]:
+        return {g for g in leaf.input_groups if g not in members[unit]}
 
     order: list[str] = []
     while len(order) < len(names):
-        solved = set(order)
-        remaining = [g for g in names if g not in solved]
-        ready = [g for g in remaining if all(inputs(w, g) <= solved for w in writers[g])]
+        solved = {g for u in order for g in members[u]}
+        remaining = [u for u in names if u not in order]
+        ready = [u for u in remaining if all(inputs(w, u) <= solved for w in unit_writers[u])]
         if not ready:
-            ready = [g for g in remaining if any(inputs(w, g) <= solved for w in writers[g])][:1]
+            ready = [u for u in remaining if any(inputs(w, u) <= solved for w in unit_writers[u])][:1]
         if not ready:
             waiting = {
-                g: sorted(set().union(*(inputs(w, g) for w in writers[g])) - solved) for g in remaining
+                u: sorted(set().union(*(inputs(w, u) for w in unit_writers[u])) - solved) for u in remaining
             }
             raise SpecError(f"groups feed each other in a cycle with no entry point: {waiting}")
         order.extend(ready)
     return tuple(order)
+
+
+def _heads(items: Sequence[LeafSpec]) -> dict[str, tuple[str, ...]]:
+    """``{Heads name: member groups}``; every dim of a member must follow that ``Heads``."""
+    heads: dict[str, dict[str, None]] = {}
+    seen: dict[str, tuple[str | None, str]] = {}  # group -> (its Heads name, where first seen)
+    for leaf in items:
+        for dim, (g, name) in enumerate(zip(leaf.dim_groups, leaf.dim_heads)):
+            if g is None:
+                continue
+            first = seen.setdefault(g, (name, leaf.path))
+            if first[0] != name:
+                here, there = (f"Heads({n!r})" if n else "no Heads" for n in (name, first[0]))
+                raise SpecError(
+                    f"{leaf.path}: group {g!r} follows {here} (view dim {dim}), but in "
+                    f"{first[1]} it follows {there}: a group inside heads must follow the "
+                    f"same Heads axis everywhere"
+                )
+            if name is not None:
+                heads.setdefault(name, {})[g] = None
+    return {name: tuple(members) for name, members in heads.items()}
 
 
 @dataclasses.dataclass(frozen=True, init=False, eq=False)
@@ -184,6 +321,9 @@ class Spec:
     Attributes:
       leaves: one :class:`LeafSpec` per labelled leaf, in the order given.
       groups: every group, in the order they are solved (inputs before the groups they feed).
+      units: the steps of that order: a group, or a ``Heads`` name whose members (adjacent
+        in ``groups``) are solved together by a two-level plan.
+      heads: ``((Heads name, member groups), ...)``: the structured groups (:class:`jfusion.Heads`).
 
     Examples:
       A Dense layer of 8 hidden neurons (group ``h0``) and a logits layer, by hand and
@@ -221,6 +361,8 @@ class Spec:
 
     leaves: tuple[LeafSpec, ...]
     groups: tuple[str, ...]
+    units: tuple[str, ...]
+    heads: tuple[tuple[str, tuple[str, ...]], ...]
 
     def __init__(self, mapping: Mapping[str, Sequence[Entry]] | Iterable[LeafSpec]):
         if isinstance(mapping, Spec):
@@ -238,21 +380,29 @@ class Spec:
         names = list(dict.fromkeys(g for leaf in items for g in leaf.groups))
         writers = {g: tuple(leaf for leaf in items if leaf.output_group == g) for g in names}
         readers = {g: tuple(leaf for leaf in items if g in leaf.input_groups) for g in names}
+        heads = _heads(items)
+        members = {g for m in heads.values() for g in m}
+        for name in heads:
+            if name in writers:
+                raise SpecError(f"Heads({name!r}) has the name of a group; give the heads their own name")
         for g in names:
             if not writers[g]:
                 raise SpecError(
                     f"group {g!r} is read by {[leaf.path for leaf in readers[g]]} but no leaf writes "
                     f"it (carries it on its last axis), so it has no incoming weights to align by"
                 )
-            if not readers[g]:
+            if not readers[g] and g not in members:  # q and k are contracted with each other
                 raise SpecError(
                     f"group {g!r} is written by {[leaf.path for leaf in writers[g]]} but no leaf reads "
                     f"it (carries it on an axis other than the last): permuting it would change the "
                     f"outputs. A typo in a group name, or a residual branch given a group of its own "
                     f"instead of the stream's, does this"
                 )
+        units = _order(items, writers, heads)
         object.__setattr__(self, "leaves", tuple(items))
-        object.__setattr__(self, "groups", _order(items, writers))
+        object.__setattr__(self, "units", units)
+        object.__setattr__(self, "heads", tuple(heads.items()))
+        object.__setattr__(self, "groups", tuple(g for u in units for g in heads.get(u, (u,))))
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_writers", writers)
         object.__setattr__(self, "_readers", readers)
@@ -317,6 +467,9 @@ class Spec:
     def validate(self, shapes: Mapping[str, Sequence[int]], model: str = "model") -> dict[str, int]:
         """Check the spec against one model's ``{path: shape}``; return its group widths.
 
+        A member group of :class:`jfusion.Heads` has the width ``H * hd``; the ``Heads`` name maps to
+        its head count ``H``.
+
         Raises SpecError naming the path, the axis, and the expected and found sizes.
         """
         missing = [p for p in self.paths if p not in shapes]
@@ -331,8 +484,12 @@ class Spec:
                 f"{model}: leaves {unlabelled} are not in the spec; label them, or declare them "
                 f"ungrouped with one None per axis"
             )
+        # Heads names take their head counts, member groups their per-head sizes until the end.
         widths: dict[str, int] = {}
         source: dict[str, str] = {}
+
+        def key(d: Dim) -> Dim:
+            return d.name if isinstance(d, Heads) else d
 
         def record(group: str, size: int, where: str) -> None:
             if group in widths and widths[group] != size:
@@ -351,23 +508,29 @@ class Spec:
                     f"labels {len(leaf.axes)}: {leaf.axes}"
                 )
         # Plain axes fix sizes directly; views may need sizes that only other leaves give.
+        for leaf in self.leaves:
+            for dims in leaf.axis_dims:
+                for d in dims:
+                    if isinstance(d, Heads) and d.count is not None:
+                        record(d.name, d.count, f"{leaf.path} ({d!r})")
         pending = []
         for leaf in self.leaves:
             shape = tuple(shapes[leaf.path])
             for axis, (entry, dims) in enumerate(zip(leaf.axes, leaf.axis_dims)):
-                if isinstance(entry, str):
-                    record(entry, shape[axis], f"{leaf.path} axis {axis}")
+                if isinstance(entry, (str, Heads)):
+                    record(key(entry), shape[axis], f"{leaf.path} axis {axis}")
                 elif isinstance(entry, (tuple, list)):
                     pending.append((leaf, axis, dims, shape[axis]))
         while pending:
             progress, later = False, []
             for leaf, axis, dims, size in pending:
-                unknown = [d for d in dims if d is None or (isinstance(d, str) and d not in widths)]
+                keys = [key(d) for d in dims]
+                unknown = [k for k in keys if k is None or (isinstance(k, str) and k not in widths)]
                 if len(unknown) > 1:
                     later.append((leaf, axis, dims, size))
                     continue
                 progress = True
-                known = math.prod(widths[d] if isinstance(d, str) else d for d in dims if d not in unknown)
+                known = math.prod(widths[k] if isinstance(k, str) else k for k in keys if k not in unknown)
                 where = f"{leaf.path} axis {axis} (view {dims})"
                 if unknown and unknown[0] is not None:
                     if known == 0 or size % known:
@@ -388,6 +551,9 @@ class Spec:
         for group, width in widths.items():
             if width == 0:
                 raise SpecError(f"{model}: group {group!r} has width 0 ({source[group]}); a group needs neurons")
+        for name, members in self.heads:
+            for g in members:
+                widths[g] *= widths[name]
         for leaf in self.leaves:
             leaf.view_shape(shapes[leaf.path], widths)  # inferred dims must divide evenly
         return widths
@@ -582,6 +748,59 @@ def embed(name: str, outputs: str | None, *, nnx: bool = False) -> Entries:
     """
     params, _ = _layer_paths(name, nnx)
     return {f"{params}/embedding": (None, outputs)}
+
+
+def attention(
+    name: str,
+    inputs: str | None,
+    heads: str,
+    outputs: str | None = None,
+    *,
+    bias: bool = True,
+    nnx: bool = False,
+) -> Entries:
+    """Multi-head attention's entries (``flax.linen.MultiHeadDotProductAttention``, ``nnx.MultiHeadAttention``).
+
+    The ``query``, ``key`` and ``value`` kernels are ``(d, H, hd)`` and their biases
+    ``(H, hd)``; the ``out`` kernel is ``(H, hd, d)`` and its bias ``(d,)``. The heads are
+    :class:`jfusion.Heads` ``heads``, with two members: ``f"{heads}.qk"``, the dims shared by the
+    queries and keys (``softmax(q k^T / sqrt(hd)) v`` contracts them with each other), and
+    ``f"{heads}.vo"``, those of the values, read by the output projection.
+
+    Args:
+      name: the attention module's path (``"block0/attn"``).
+      inputs: the group the projections read (the residual stream), or None.
+      heads: the name of the structured group (one per attention layer).
+      outputs: the group the output projection writes; ``inputs`` when None (a residual block).
+      bias: whether the projections have biases (``use_bias``).
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
+
+    Examples:
+      >>> import jfusion
+      >>> for path, axes in jfusion.layers.attention("attn", "r", "b0", bias=False).items():
+      ...     print(path, axes)
+      params/attn/query/kernel ('r', Heads('b0'), 'b0.qk')
+      params/attn/key/kernel ('r', Heads('b0'), 'b0.qk')
+      params/attn/value/kernel ('r', Heads('b0'), 'b0.vo')
+      params/attn/out/kernel (Heads('b0'), 'b0.vo', 'r')
+
+    References:
+      - Ashish Vaswani et al. *Attention Is All You Need.* NeurIPS 2017.
+    """
+    params, _ = _layer_paths(name, nnx)
+    outputs = inputs if outputs is None else outputs
+    entries: Entries = {}
+    for projection, member in (("query", "qk"), ("key", "qk"), ("value", "vo")):
+        entries[f"{params}/{projection}/kernel"] = (inputs, Heads(heads), f"{heads}.{member}")
+        if bias:
+            entries[f"{params}/{projection}/bias"] = (Heads(heads), f"{heads}.{member}")
+    entries[f"{params}/out/kernel"] = (Heads(heads), f"{heads}.vo", outputs)
+    if bias:
+        entries[f"{params}/out/bias"] = (outputs,)
+    return entries
 
 
 def bias(name: str, group: str | None, *, nnx: bool = False) -> Entries:

@@ -29,6 +29,9 @@ class IdentityPlans:
     def plan(self, group: str, support: jax.Array, reference_support: jax.Array, model: jax.Array) -> None:
         return None
 
+    def head_plans(self, name: str, supports, reference_supports, model: jax.Array) -> None:
+        return None
+
     def coverage(self, group: str, received: jax.Array) -> jax.Array:
         return jnp.ones_like(received)
 

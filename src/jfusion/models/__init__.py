@@ -15,6 +15,7 @@ from jfusion.models.registry import (
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
 from jfusion.models.rnn import RecurrentClassifier, rnn_spec
 from jfusion.models.vgg import VGG, VGG11, vgg_spec
+from jfusion.models.vit import ViT, vit_spec
 from jfusion.models.widths import module_for, widths_of
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ResNet20",
     "VGG",
     "VGG11",
+    "ViT",
     "build_model",
     "cnn_spec",
     "describe",
@@ -40,5 +42,6 @@ __all__ = [
     "resolve_model",
     "rnn_spec",
     "vgg_spec",
+    "vit_spec",
     "widths_of",
 ]

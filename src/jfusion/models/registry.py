@@ -37,6 +37,7 @@ from jfusion.models.mlp import MLP
 from jfusion.models.resnet import ResNet, ResNet18, ResNet20
 from jfusion.models.rnn import CELL_KINDS, RecurrentClassifier
 from jfusion.models.vgg import VGG, VGG11
+from jfusion.models.vit import ViT
 
 
 class ModelConfigError(JFusionError):
@@ -83,6 +84,12 @@ def _rnn(*, hidden: Sequence[int] = (64,), num_classes: int = 10, cell: str = "l
     return RecurrentClassifier(hidden, num_classes, cell)
 
 
+def _vit(*, patch: int = 7, dim: int = 32, heads: int = 4, blocks: int = 2, mlp: int = 64, num_classes: int = 10) -> ViT:
+    if dim % heads:
+        raise ModelConfigError(f"a vit's dim ({dim}) must be divisible by its heads ({heads})")
+    return ViT(patch, dim, heads, blocks, mlp, num_classes)
+
+
 #: The reference models by name, ``{name: builder}``; ``builder(**kwargs)`` returns the
 #: module. Builders take keyword-only arguments, all with defaults (so
 #: :func:`jfusion.models.describe` can record every one); sequences arrive as tuples.
@@ -95,6 +102,7 @@ MODELS: Mapping[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet(ResNet18),  # CIFAR ResNets with BatchNorm, integer width multiplier
     "resnet20": _resnet(ResNet20),
     "rnn": _rnn,  # recurrent layers (Elman, LSTM or GRU) reading images row by row, Dense readout
+    "vit": _vit,  # a pre-LN Vision Transformer on square patches, stock Flax attention (Heads groups)
 }
 
 

@@ -1,0 +1,133 @@
+"""Structured (attention head) groups: planted permutations of a ViT recovered exactly."""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+import jfusion
+from jfusion.core.plans import head_plans
+from jfusion.models.vit import ViT, vit_spec
+
+SEED = 1  # a draw that swaps the two heads and moves dims inside every head
+
+
+@pytest.fixture(scope="module")
+def vit():
+    """A tiny ViT (d=8, 2 heads of 4, 1 block, 4 patches), a batch and one jitted apply."""
+    model = ViT(patch=7, dim=8, heads=2, blocks=1, mlp=16)
+    x = jax.random.normal(jax.random.key(0), (4, 14, 14))
+    params = jax.jit(model.init)(jax.random.key(1), x)
+    return model, jax.jit(model.apply), params, x
+
+
+def plan_permutation(plan):
+    """``perm`` with row ``q`` of the plan sending all its mass to column ``perm[q]``."""
+    plan = np.asarray(plan)
+    perm = plan.argmax(axis=1)
+    np.testing.assert_allclose(plan[np.arange(len(perm)), perm], 1.0 / len(perm), rtol=1e-6)
+    return perm
+
+
+def test_vit_spec_is_checked_and_planted_permutations_are_recovered_by_weights(vit):
+    model, apply, params, x = vit
+    assert vit_spec(2).units == ("r", "b0", "b0.mlp", "b1", "b1.mlp")
+    assert vit_spec(2).heads == (("b0", ("b0.qk", "b0.vo")), ("b1", ("b1.qk", "b1.vo")))
+    spec = model.spec()
+    jfusion.check_spec(apply, params, spec, x)  # it perturbs init's constant LayerNorm and biases
+
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    assert sorted(perms) == sorted(spec.groups + ("b0",))
+    assert perms["b0"].tolist() == [1, 0]  # the heads really move, and so do the dims inside them
+    for g in ("b0.qk", "b0.vo"):
+        inside = np.asarray(perms[g]).reshape(2, 4) % 4
+        assert all((row != np.arange(4)).any() for row in inside)
+    np.testing.assert_allclose(apply(shuffled, x), apply(params, x), atol=1e-5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        fused = jfusion.fuse([params, shuffled], spec, solver="exact")
+    for group, perm in perms.items():  # heads plans (H x H) and every group's flat plan
+        np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
+    np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), fused.params, params)
+
+
+def test_planted_permutations_are_recovered_by_activations(vit):
+    model, apply, params, x = vit
+    spec = model.spec()
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    alignment = jfusion.ByActivations(model.activations())
+    fused = jfusion.fuse([params, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
+    for group, perm in perms.items():
+        np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
+    np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5)
+
+
+def test_a_permutation_that_splits_a_head_is_caught(vit):
+    model, apply, params, x = vit
+    # Dims swapped across heads, as a one-level plan on the flat (H * hd) axis may do.
+    leaves, treedef = jfusion.core.tree.flatten(params)
+    spec = model.spec()
+    widths = spec.validate({p: np.shape(v) for p, v in leaves.items()})
+    split = jnp.array([4, 1, 2, 3, 0, 5, 6, 7])  # dim 0 of head 0 <-> dim 0 of head 1
+    moved = jfusion.core.transport.permute_groups(leaves, spec, {"b0.qk": split}, widths)
+    assert not np.allclose(apply(jfusion.core.tree.unflatten(treedef, moved), x), apply(params, x), atol=1e-4)
+
+
+def test_two_level_plan_recovers_head_order_and_keeps_heads_whole():
+    heads, hd, d = 3, 4, 5
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, heads, hd, d)).astype(np.float32)  # members qk and vo
+    two_level = jax.jit(functools.partial(head_plans, jfusion.Exact(), jfusion.GroundMetric(), "b0"))
+
+    # Planted: the reference is the model with heads reordered and dims shuffled inside each.
+    order = np.array([2, 0, 1])
+    inside = np.stack([[rng.permutation(hd) for _ in range(heads)] for _ in range(2)])
+    y = np.stack([x[m][order][np.arange(heads)[:, None], inside[m]] for m in range(2)])
+    out = two_level(tuple(x), tuple(y))
+    np.testing.assert_array_equal(plan_permutation(out.heads.plan)[order], np.arange(heads))
+    for m in range(2):
+        expected = np.argsort((order[:, None] * hd + inside[m]).reshape(-1))
+        np.testing.assert_array_equal(plan_permutation(out.members[m].plan), expected)
+
+    # Unrelated models: the flat (one-level) plan splits heads and gives q/k and v/o
+    # different head orders; the two-level plan keeps every head whole, with one order.
+    y = rng.normal(size=(2, heads, hd, d)).astype(np.float32)
+    out = two_level(tuple(x), tuple(y))
+    head_order = plan_permutation(out.heads.plan)
+    split = False
+    for m in range(2):
+        structured = plan_permutation(out.members[m].plan).reshape(heads, hd) // hd
+        np.testing.assert_array_equal(structured, np.broadcast_to(head_order[:, None], (heads, hd)))
+        cost = np.linalg.norm(x[m].reshape(-1, 1, d) - y[m].reshape(1, -1, d), axis=-1)
+        rows, flat = scipy.optimize.linear_sum_assignment(cost)  # the one-level plan
+        split |= bool((np.ptp(flat.reshape(heads, hd) // hd, axis=1) > 0).any())
+        # The flat plan is a relaxation of the structured one: never dearer.
+        assert cost[rows, flat].sum() / (heads * hd) <= float(out.members[m].cost) + 1e-5
+    assert split
+
+
+def test_heads_labels_are_validated():
+    with pytest.raises(jfusion.SpecError, match=r"k: axis 1 is Heads\('b'\), which must be followed by the dim of a group"):
+        jfusion.Spec({"k": ("r", jfusion.Heads("b"), None), "r": (None, "r"), "o": ("r", None)})
+    with pytest.raises(jfusion.SpecError, match="group 'g' follows no Heads .* it follows Heads\\('b'\\)"):
+        jfusion.Spec({"e": (None, "r"), "k": ("r", jfusion.Heads("b"), "g"), "o": ("g", "r"), "h": ("r", None)})
+    # Heads inside a view (a Dense kernel of H * hd outputs) is the same flattened member group.
+    view = jfusion.Spec({"e": (None, "r"), "q": ("r", (jfusion.Heads("b", 2), "b.qk")), "k": ("r", (jfusion.Heads("b"), "b.qk")), "o": ("r", None)})
+    assert view.validate({"e": (3, 8), "q": (8, 8), "k": (8, 8), "o": (8, 2)}) == {"r": 8, "b": 2, "b.qk": 8}
+    assert view["q"].view_shape((8, 8), {"r": 8, "b": 2, "b.qk": 8}) == (8, 8)
+    # A spec without heads: units are its groups, nothing else changes.
+    plain = jfusion.models.mlp_spec(3)
+    assert plain.units == plain.groups and plain.heads == ()
+
+
+def test_heads_need_a_producer_that_solves_them(vit):
+    model, _, params, x = vit
+    with pytest.raises(jfusion.FusionInputError, match="WeightMatching does not solve structured groups"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        jfusion.fuse([params, params], model.spec(), alignment=jfusion.WeightMatching())
