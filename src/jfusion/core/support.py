@@ -309,6 +309,14 @@ def resolve_alignment(alignment: str | AlignmentMethod) -> AlignmentMethod:
     )
 
 
+def _transported_view(
+    leaves: Mapping[str, jax.Array], leaf: LeafSpec, widths: Mapping[str, int], maps: Mapping[str, GroupMap], dims: Sequence[int]
+) -> jax.Array:
+    """``leaf``'s float32 view with its ``dims`` transported into the target basis by ``maps``."""
+    x = leaves[leaf.path]
+    return transport_view(x.astype(jnp.float32).reshape(leaf.view_shape(x.shape, widths)), leaf, maps, dims=dims)
+
+
 def weight_support(
     leaves: Mapping[str, jax.Array],
     spec: Spec,
@@ -338,10 +346,7 @@ def weight_support(
         others = [i for i, g in enumerate(groups) if g is not None and i != along]
         if any(groups[i] not in solved for i in others):
             continue
-        x = leaves[leaf.path]
-        v = x.astype(jnp.float32).reshape(leaf.view_shape(x.shape, widths))
-        v = transport_view(v, leaf, maps, dims=others)
-        v = jnp.moveaxis(v, along, 0)
+        v = jnp.moveaxis(_transported_view(leaves, leaf, widths, maps, others), along, 0)
         parts.append(v.reshape(v.shape[0], -1))
     if not parts:
         raise SpecError(
@@ -396,9 +401,7 @@ def relation_support(
         others = [i for i, g in enumerate(groups) if g is not None and g != group]
         if any(groups[i] not in solved for i in others):
             continue
-        x = leaves[leaf.path]
-        v = x.astype(jnp.float32).reshape(leaf.view_shape(x.shape, widths))
-        v = transport_view(v, leaf, maps, dims=others)
+        v = _transported_view(leaves, leaf, widths, maps, others)
         v = jnp.moveaxis(v, (groups.index(group), len(groups) - 1), (0, 1))
         parts.append(v.reshape(v.shape[0], v.shape[1], -1))
     return jnp.concatenate(parts, axis=2) if parts else None
