@@ -336,20 +336,3 @@ def _json_default(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     return str(value)
-
-
-# --- diagnostics ------------------------------------------------------------------------------
-
-
-def matched_correlation(acts_a: Mapping[str, Any], acts_b: Mapping[str, Any]) -> dict[str, float]:
-    """Per group: mean over target neurons of corr(target neuron, aligned model's neuron) across
-    samples (and positions); neurons constant on the batch are skipped."""
-    out = {}
-    for group, a in acts_a.items():
-        a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
-        b = np.asarray(acts_b[group], np.float64).reshape(-1, a.shape[-1])
-        a, b = a - a.mean(0), b - b.mean(0)
-        sa, sb = np.sqrt((a * a).mean(0)), np.sqrt((b * b).mean(0))
-        ok = (sa > 1e-8) & (sb > 1e-8)
-        out[group] = float(np.mean((a * b).mean(0)[ok] / (sa[ok] * sb[ok]))) if ok.any() else float("nan")
-    return out

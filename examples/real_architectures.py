@@ -213,11 +213,10 @@ def run_architecture(arch: Architecture, test: tuple[np.ndarray, np.ndarray], po
 
 def diagnose(arch: Architecture, case: kit.Case, options: dict[str, dict[str, Any]], diag_x: jax.Array,
              result: dict[str, Any]) -> None:
-    """Matched-neuron activation correlation per group for every alignment (``jfusion.align``);
+    """Plan-weighted correlation of matched neurons' activations per group for every alignment
+    (``jfusion.plan_diagnostics`` of ``jfusion.align``'s plans; "unaligned" is the identity's);
     Sinkhorn's iterations and blur (effective partners per target neuron) as notes."""
-    acts = arch.activations().fn
-    target = acts(case.models[0], diag_x)
-    result["diag"]["unaligned"] = kit.matched_correlation(target, acts(case.models[1], diag_x))
+    activations = arch.activations()
     for name, kw in options.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -227,7 +226,9 @@ def diagnose(arch: Architecture, case: kit.Case, options: dict[str, dict[str, An
             iters = {g: int(np.max(np.asarray(r.iterations))) for g, r in aligned.plans.items()}
             blur = {g: round(partners(np.asarray(r.plan[1])), 1) for g, r in aligned.plans.items()}
             result["notes"].append(f"{name}: Sinkhorn iterations per group {iters}; effective source neurons per target neuron {blur}")
-        result["diag"][name] = kit.matched_correlation(target, acts(kit.pick(aligned.aligned, 1), diag_x))
+        report = jfusion.plan_diagnostics(aligned, case.models, activations=activations, inputs=diag_x)
+        result["diag"].setdefault("unaligned", {g: float(d.identity_correlation[1]) for g, d in report.items()})
+        result["diag"][name] = {g: float(d.matched_correlation[1]) for g, d in report.items()}
 
 
 # --- ResNet weight-alignment ablation (held-out data only) ----------------------------------
@@ -282,15 +283,21 @@ def resnet_ablation(arch: Architecture, pool: np.ndarray, holdout: tuple[np.ndar
     activations = arch.activations()
     a, b = (kit.pick(arch.variables, k) for k in arch.pairs[0])
     stacked = kit.stack([a, b])
-    target_acts = activations.fn(a, diag_x)
     n = cfg.ablation_inputs
     recal_accuracy = lambda v: kit.accuracy(
         kit.predictions(arch.apply, jfusion.recalibrate_batch_stats(arch.train_apply, v, recal_x), hold_x[:n]), hold_y[:n])
-    correlation = lambda v: float(np.nanmean(list(kit.matched_correlation(target_acts, activations.fn(v, diag_x)).values())))
+    widths = spec.validate({p: np.shape(x) for p, x in flatten(a)[0].items()})
+
+    def correlation(plans: dict[str, jax.Array], model: Any) -> float:
+        """Mean over groups of the plan-weighted correlation of B's neurons with A's matched ones."""
+        both = {g: jnp.stack([jnp.eye(widths[g]) / widths[g], plan]) for g, plan in plans.items()}
+        report = jfusion.plan_diagnostics(both, [a, model], activations=activations, inputs=diag_x)
+        return float(np.nanmean([d.matched_correlation[1] for d in report.values()]))
+
     folded = kit.stack([bn_folded(a), bn_folded(b)])
     constant_stats = {**stacked, "batch_stats": jax.tree.map(jnp.ones_like, stacked["batch_stats"])}
     variants = [
-        ("weights: default support (kernel rows + BN scale, bias, running mean, var)", stacked, {}),
+        ("weights: default support (kernel rows + BN scale and bias; running statistics left out)", stacked, {}),
         ("weights: supports normalised to unit norm", stacked, {"metric": jfusion.GroundMetric(normalize_supports=True)}),
         ("weights: BN running mean/var made constant in the support", constant_stats, {}),
         ("weights: BN folded into the conv kernels and biases", folded, {}),
@@ -302,9 +309,8 @@ def resnet_ablation(arch: Architecture, pool: np.ndarray, holdout: tuple[np.ndar
     permuted, _ = jfusion.permute(a, spec, jax.random.key(7))
     plans = {g: r.plan[1] for g, r in jfusion.align(kit.stack([a, permuted]), spec).plans.items()}
     moved = transport_with(plans, permuted, spec)
-    rows.append(["weights, self-check: A against a randomly permuted copy of A", correlation(moved),
+    rows.append(["weights, self-check: A against a randomly permuted copy of A", correlation(plans, permuted),
                  recal_accuracy(jax.tree.map(lambda x, y: (x + y) / 2, a, moved))])
-    widths = spec.validate({p: np.shape(x) for p, x in flatten(a)[0].items()})
     perm = np.random.default_rng(0)
     fixed = [  # plans given, nothing solved
         ("identity plans (= vanilla averaging)", {g: jnp.eye(w) / w for g, w in widths.items()}),
@@ -317,7 +323,7 @@ def resnet_ablation(arch: Architecture, pool: np.ndarray, holdout: tuple[np.ndar
     ]
     for name, plans in fixed + solved:
         moved = transport_with(plans, b, spec)
-        rows.append([name, correlation(moved), recal_accuracy(jax.tree.map(lambda x, y: (x + y) / 2, a, moved))])
+        rows.append([name, correlation(plans, b), recal_accuracy(jax.tree.map(lambda x, y: (x + y) / 2, a, moved))])
     return kit.Table(
         ["plans used to average parent B into parent A", "matched correlation", "held-out acc. % after BN recal"],
         [[name, c if isinstance(c, str) else f"{c:.3f}", f"{100 * acc:.2f}"] for name, c, acc in rows],
