@@ -154,7 +154,7 @@ def plot(cfg: Config, rows: dict[str, list[float]], finetuned: dict[str, list[fl
     right.invert_yaxis()
     right.set_xlabel("test accuracy % (mean over pairs)")
     right.set_title(f"ViT d={cfg.dim}, {cfg.heads} heads, {cfg.blocks} blocks, {len(cfg.seeds) // 2} pairs")
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
     return fig
 
