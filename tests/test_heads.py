@@ -213,3 +213,5 @@ def test_head_matching_and_identity_groups_are_validated(vit):
         jfusion.fuse([params, params], spec, heads="inorder")
     with pytest.raises(jfusion.FusionInputError, match="identity_groups must be a sequence of group names, got 'r'"):
         jfusion.BalancedPlans(identity_groups="r")
+    with pytest.raises(jfusion.FusionInputError, match=r"identity_groups=\['r'\] with WeightMatching"):
+        jfusion.fuse([params, params], spec, identity_groups=("r",), alignment=jfusion.WeightMatching())

@@ -222,6 +222,11 @@ def prepare(
     if producer is not None and hasattr(producer, "check_spec"):
         producer.check_spec(spec)
     alignment = resolve_alignment(alignment)
+    if isinstance(alignment, WeightMatching) and getattr(producer, "identity_groups", ()):
+        raise FusionInputError(
+            f"identity_groups={list(producer.identity_groups)} with WeightMatching, which solves every group's "
+            f"plan itself; use ByWeights or ByActivations to keep groups at the identity"
+        )
     # One activation function per model: each model runs its own (different modules cannot vmap).
     stack = stack and not (isinstance(alignment, ByActivations) and alignment.model_fns is not None)
     models = ModelStack(params_list, stack=stack)
