@@ -127,6 +127,29 @@ def train_set(
     return jax.block_until_ready(trained)  # dispatch is asynchronous: wait, so timings are honest
 
 
+def finetune_set(
+    model: Any,
+    models: Models,
+    subset: tuple[Any, Any],
+    *,
+    steps: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation,
+    seed: int = 12345,
+) -> Models:
+    """Fine-tune every model of ``models`` with one budget: ``steps`` steps of ``optimizer`` (a fresh
+    state per model) on the same batches, drawn in one seeded order from the first ``steps *
+    batch_size`` examples of a seeded shuffle of ``subset``; trained together under one ``vmap``."""
+    images, labels = subset
+    idx = np.random.default_rng(seed).permutation(len(labels))[: steps * batch_size]
+    if len(idx) < steps * batch_size:
+        raise ValueError(f"{steps} steps of {batch_size} need {steps * batch_size} examples, got {len(labels)}")
+    trained = fit_models(model, stack(models), (images[idx], labels[idx]), [seed] * len(models), epochs=1,
+                         batch_size=batch_size, optimizer=optimizer)
+    trained = jax.block_until_ready(trained)
+    return [pick(trained, k) for k in range(len(models))]
+
+
 def count_params(variables: Any) -> tuple[int, int]:
     """(total, non-zero) entries of every leaf."""
     leaves = [np.asarray(x) for x in jax.tree.leaves(variables)]

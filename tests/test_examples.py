@@ -139,3 +139,28 @@ def test_federated_quick(tmp_path):
         fedavg, ot, partial = result["one_shot"]
         assert fedavg["widths"] == ot["widths"] and partial["params"] > fedavg["params"]
         assert max(result["curves"]["FedAvg"]) > 0.2, title  # chance is 0.1
+
+
+def test_vit_fusion_quick(tmp_path):
+    import vit_fusion
+
+    vit_fusion.main(["--quick", "--out", str(tmp_path)])
+    blob = numbers(tmp_path, "vit_fusion")
+    assert (tmp_path / "vit_fusion.png").is_file() and (tmp_path / "vit_fusion_barrier.png").is_file()
+    data = blob["data"]
+    by_name = {r["name"]: r["accuracy"] for r in data["rows"]}
+    methods = {"vanilla average", "OT, weights, heads in order", "OT, activations, heads matched"}
+    assert methods | {"ensemble (logit average)", "parent 1 of the pair (control)"} <= set(by_name)
+    assert set(data["finetuned"]) == methods | {"parent 1 of the pair (control)"}
+    assert all(0.0 <= a <= 1.0 for accs in [*by_name.values(), *data["finetuned"].values()] for a in accs)
+    assert min(data["parents"]) > 0.2, data["parents"]  # chance is 0.1
+    # A permuted copy (every head order moved) is undone by solved head orders, not by in-order heads.
+    assert data["planted"]["OT, activations, heads matched"] < 1e-4
+    assert data["planted"]["OT, weights, heads in order"] > 1e-2 and data["planted"]["vanilla average"] > 1e-2
+    curves = {name: runs[0] for name, runs in data["barriers"].items()}
+    naive = curves.pop("naive (model 2 as it is)")
+    assert len(naive["lambdas"]) == 25 and set(curves) == methods - {"vanilla average"}
+    for name, curve in curves.items():  # permutation plans: the far end is model 2's function
+        for metric in ("loss", "accuracy"):
+            np.testing.assert_allclose(curve["values"][metric][0], naive["values"][metric][0], rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(curve["values"][metric][-1], naive["values"][metric][-1], rtol=1e-4, atol=1e-5, err_msg=name)

@@ -131,3 +131,87 @@ def test_heads_need_a_producer_that_solves_them(vit):
     with pytest.raises(jfusion.FusionInputError, match="WeightMatching does not solve structured groups"), warnings.catch_warnings():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
         jfusion.fuse([params, params], model.spec(), alignment=jfusion.WeightMatching())
+
+
+def planted(params, spec, perms):
+    """``params`` with the groups of ``perms`` permuted (flattened member perms keep or move heads)."""
+    leaves, treedef = jfusion.core.tree.flatten(params)
+    widths = spec.validate({p: np.shape(v) for p, v in leaves.items()})
+    moved = jfusion.core.transport.permute_groups(leaves, spec, {g: jnp.asarray(p) for g, p in perms.items()}, widths)
+    return jfusion.core.tree.unflatten(treedef, moved)
+
+
+def test_in_order_heads_cannot_undo_a_head_permutation_but_recover_dims_inside_heads(vit):
+    model, apply, params, x = vit
+    spec = model.spec()
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))  # heads swapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        fused = jfusion.fuse([params, shuffled], spec, heads="in_order")
+    np.testing.assert_array_equal(plan_permutation(fused.plans["b0"].plan[1]), [0, 1])
+    for g in ("b0.qk", "b0.vo"):  # head h stays head h, so the planted swap is not undone
+        assert (plan_permutation(fused.plans[g].plan[1]) // 4 == np.repeat([0, 1], 4)).all(), g
+        assert (plan_permutation(fused.plans[g].plan[1]) != np.asarray(perms[g])).any(), g
+    for g in ("r", "b0.mlp"):  # groups outside the attention are still found
+        np.testing.assert_array_equal(plan_permutation(fused.plans[g].plan[1]), np.asarray(perms[g]), err_msg=g)
+    assert not np.allclose(apply(fused.params, x), apply(params, x), atol=1e-3)
+
+    # Heads left in place, dims moved inside each head: in-order matching recovers everything.
+    inside = {g: (np.arange(2)[:, None] * 4 + np.asarray(perms[g]).reshape(2, 4) % 4).reshape(-1) for g in ("b0.qk", "b0.vo")}
+    kept_heads = {"r": perms["r"], "b0.mlp": perms["b0.mlp"], **inside}
+    moved = planted(params, spec, kept_heads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        fused = jfusion.fuse([params, moved], spec, heads="in_order")
+    for group, perm in kept_heads.items():
+        np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), perm, err_msg=group)
+    np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5)
+
+
+def test_flat_head_plans_find_a_permuted_copy_and_report_the_mass_moved_between_heads(vit):
+    model, apply, params, x = vit
+    spec = model.spec()
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    alignment = jfusion.ByActivations(model.activations())
+    fused = jfusion.fuse([params, shuffled], spec, heads="flat", alignment=alignment, inputs=x)
+    for group, perm in perms.items():  # b0: the mass of each head's dims, here whole heads swapped
+        np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
+    np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5)
+
+
+def test_identity_groups_keep_the_identity_and_the_rest_is_recovered(vit):
+    model, apply, params, x = vit
+    spec = model.spec()
+    _, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    for kept, unpermuted in ((("r",), ("r",)), (("b0",), ("b0.qk", "b0.vo"))):
+        moved_perms = {g: p for g, p in perms.items() if g not in unpermuted and g != "b0"}
+        moved = planted(params, spec, moved_perms)
+        with warnings.catch_warnings():
+            # the only residual stream is kept, so weight alignment has nothing to warn about
+            warnings.simplefilter("error" if kept == ("r",) else "ignore", jfusion.ResidualStreamWarning)
+            fused = jfusion.fuse([params, moved], spec, identity_groups=kept)
+        for group in spec.groups:
+            expected = moved_perms.get(group, np.arange(fused.plans[group].plan.shape[-1]))
+            np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), expected, err_msg=f"{kept}: {group}")
+        np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5, err_msg=str(kept))
+
+    # The residual stream permuted but kept: the copy is not mapped back.
+    shuffled, _ = jfusion.permute(params, spec, jax.random.key(SEED))
+    fused = jfusion.fuse([params, shuffled], spec, identity_groups=["r"])
+    np.testing.assert_array_equal(plan_permutation(fused.plans["r"].plan[1]), np.arange(8))
+    assert not np.allclose(apply(fused.params, x), apply(params, x), atol=1e-3)
+
+
+def test_head_matching_and_identity_groups_are_validated(vit):
+    model, _, params, _ = vit
+    spec = model.spec()
+    with pytest.raises(jfusion.SpecError, match=r"identity_groups: the spec has no group 'res'; its groups are \['r', 'b0', 'b0.mlp'\]"):
+        jfusion.fuse([params, params], spec, identity_groups=("res",))
+    with pytest.raises(jfusion.SpecError, match=r"'b0.vo' is a member of Heads\('b0'\).*name 'b0'"):
+        jfusion.fuse([params, params], spec, identity_groups=("b0.vo",))
+    with pytest.raises(jfusion.FusionInputError, match=r"heads must be one of \('matched', 'in_order', 'flat'\), got 'inorder'"):
+        jfusion.fuse([params, params], spec, heads="inorder")
+    with pytest.raises(jfusion.FusionInputError, match="identity_groups must be a sequence of group names, got 'r'"):
+        jfusion.BalancedPlans(identity_groups="r")
+    with pytest.raises(jfusion.FusionInputError, match=r"identity_groups=\['r'\] with WeightMatching"):
+        jfusion.fuse([params, params], spec, identity_groups=("r",), alignment=jfusion.WeightMatching())

@@ -35,7 +35,7 @@ from jfusion.core.combine import combine, model_weights, slot_weights
 from jfusion.core.costs import GroundMetric, resolve_metric
 from jfusion.core.errors import ConvergenceWarning, FusionInputError, ResidualStreamWarning, SpecError
 from jfusion.core.matching import WeightMatching, warn_capped
-from jfusion.core.plans import BalancedPlans, Importance, PlanProducer, identity_result
+from jfusion.core.plans import BalancedPlans, HeadMatching, Importance, PlanProducer, identity_result
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import (
@@ -219,7 +219,14 @@ def prepare(
     (:class:`jfusion.ResidualStreamWarning`) does not apply.
     """
     spec = _as_spec(spec)
+    if producer is not None and hasattr(producer, "check_spec"):
+        producer.check_spec(spec)
     alignment = resolve_alignment(alignment)
+    if isinstance(alignment, WeightMatching) and getattr(producer, "identity_groups", ()):
+        raise FusionInputError(
+            f"identity_groups={list(producer.identity_groups)} with WeightMatching, which solves every group's "
+            f"plan itself; use ByWeights or ByActivations to keep groups at the identity"
+        )
     # One activation function per model: each model runs its own (different modules cannot vmap).
     stack = stack and not (isinstance(alignment, ByActivations) and alignment.model_fns is not None)
     models = ModelStack(params_list, stack=stack)
@@ -272,9 +279,11 @@ def prepare(
                         f"which maps to {e} in the target, but the target has {f} there; "
                         f"ungrouped axes must agree between models"
                     )
-    if matches and num > 1 and not isinstance(alignment, ByActivations) and spec.residual_streams:
+    kept = getattr(producer, "identity_groups", ())
+    streams = [g for g in spec.residual_streams if g not in kept]
+    if matches and num > 1 and not isinstance(alignment, ByActivations) and streams:
         warnings.warn(
-            f"weight alignment of a model with residual streams {list(spec.residual_streams)}: each "
+            f"weight alignment of a model with residual streams {streams}: each "
             f"stream's map is solved from its first writers (stem, projection shortcuts), which "
             f"may have moved little from their initialisation, so the matching can be no better "
             f"than the identity; align by activations (jfusion.ByActivations.from_module(model), "
@@ -598,6 +607,8 @@ def align(
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
     importance: Importance = "uniform",
+    heads: HeadMatching = "matched",
+    identity_groups: Sequence[str] = (),
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
 ) -> Alignment:
@@ -622,13 +633,17 @@ def align(
         importance (mass proportional to the norm of each neuron's support row, on the
         models' and the target's side; see :class:`jfusion.BalancedPlans`). Needs
         ``solver=jfusion.Sinkhorn()``.
+      heads: how attention heads (:class:`jfusion.Heads`) are paired: ``"matched"`` (default),
+        ``"in_order"`` or ``"flat"`` (see :class:`jfusion.BalancedPlans`).
+      identity_groups: groups (or ``Heads`` names) that keep the identity plan instead of
+        being solved, e.g. ``("r",)``, a ViT's residual stream.
       target: index of the model to align onto, or a params pytree of the target
         architecture (other widths: fusing into a smaller or larger model).
       inputs: the batch activation alignment runs on.
 
     Reference: Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
     """
-    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
+    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance, heads, tuple(identity_groups))
     problem = prepare(params_list, spec, producer, alignment=alignment, target=target, inputs=inputs)
     _, out = run(problem)
     return Alignment(unflatten(problem.config.reference_treedef, {p: out.aligned[p] for p, _ in problem.config.dtypes}), out.plans)

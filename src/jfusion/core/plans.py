@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from jfusion.core.costs import GroundMetric
-from jfusion.core.errors import FusionInputError
+from jfusion.core.errors import FusionInputError, SpecError
 from jfusion.core.solvers import Exact, OTResult, Solver
+from jfusion.core.spec import Spec
 
 
 class PlanProducer(Protocol):
@@ -50,6 +51,10 @@ class PlanProducer(Protocol):
     the engine calls ``head_plans(name, supports, reference_supports, model) -> HeadPlans |
     None`` with one support ``(H, hd, d)`` per member group (None: identities; the
     reference keeps its own heads). A producer without ``head_plans`` refuses such specs.
+
+    A producer with a ``check_spec(spec)`` method has it called before tracing (to name a
+    configured group the spec lacks); one with an ``identity_groups`` attribute never matches
+    those groups, so the engine's residual-stream warning leaves them out.
 
     A producer with a true ``relational`` attribute (a class variable) receives, for the
     groups with recurrent leaves (hidden-to-hidden kernels), a
@@ -133,12 +138,17 @@ class HeadPlans(NamedTuple):
     members: tuple[OTResult, ...]
 
 
+HeadMatching = Literal["matched", "in_order", "flat"]
+HEAD_MATCHINGS = ("matched", "in_order", "flat")
+
+
 def head_plans(
     solver: Solver,
     metric: GroundMetric,
     name: str,
     supports: tuple[jax.Array, ...],
     reference_supports: tuple[jax.Array, ...],
+    matching: HeadMatching = "matched",
 ) -> HeadPlans:
     """Plans that move heads as wholes: heads by head-pair costs, then dims inside matched heads.
 
@@ -154,15 +164,30 @@ def head_plans(
     for exact solvers a permutation that keeps every head whole, with the same head order for
     every member. A one-level plan on the flat axis is a relaxation of it: it may split a
     head's dims over several heads, and give q/k and v/o different head orders, which the
-    attention's function does not allow. Transformer fusion (Imfeld et al. 2024) instead
-    matches head ``h`` with head ``h``; here the head order is solved for.
+    attention's function does not allow.
+
+    ``matching`` chooses how heads are paired:
+
+    * ``"matched"`` (default): the head order ``Q`` is solved, as above.
+    * ``"in_order"``: head ``h`` goes to head ``h`` (``Q = I / H``, which needs ``H = H'``)
+      and only the diagonal blocks ``P_m[h, h]`` are solved: Transformer fusion's choice
+      (Imfeld et al. 2024). It cannot undo a permutation of the heads.
+    * ``"flat"``: one plan per member on its flat ``(H hd_m, H' hd_m)`` cost, ignoring head
+      boundaries, ``T_m = OT(1/(H hd_m), 1/(H' hd_m), C_m)``. A fusion heuristic only: it
+      may split heads and give members different head orders, so the aligned model need not
+      compute the model's function (it does only when the plans happen to keep heads whole
+      with one order, as for an exact permuted copy, whose zero-cost matching it finds).
+      Its reported head plan is the mass the members move between heads,
+      ``Q[h, h'] = mean_m sum_{i, j} T_m[(h, i), (h', j)]``.
 
     References:
       - Moritz Imfeld, Jacopo Graldi, Marco Giordano, Thomas Hofmann, Sotiris Anagnostidis
         and Sidak Pal Singh. *Transformer Fusion with Optimal Transport.* ICLR 2024.
       - Ashish Vaswani et al. *Attention Is All You Need.* NeurIPS 2017.
     """
-    blocks, head_cost = [], 0.0
+    if matching not in HEAD_MATCHINGS:
+        raise FusionInputError(f"Heads({name!r}): head matching must be one of {HEAD_MATCHINGS}, got {matching!r}")
+    flats = []
     for x, y in zip(supports, reference_supports):
         (h, n, d), (h2, m, _) = x.shape, y.shape
         if n != m:
@@ -170,13 +195,39 @@ def head_plans(
                 f"Heads({name!r}): the model's heads have {n} dims and the reference's {m}; "
                 f"structured plans need equal head sizes"
             )
-        flat = metric(x.reshape(h * n, d), y.reshape(h2 * m, d))
-        cost = flat.reshape(h, n, h2, m).transpose(0, 2, 1, 3)  # (H, H', hd, hd)
-        solve = jax.vmap(jax.vmap(lambda c: solver(c, uniform(n), uniform(m))))
-        inner = solve(cost)
+        flats.append(metric(x.reshape(h * n, d), y.reshape(h2 * m, d)))
+    if matching == "flat":
+        members = tuple(solver(c, uniform(c.shape[0]), uniform(c.shape[1])) for c in flats)
+        moved = [r.plan.reshape(h, r.plan.shape[0] // h, h2, -1).sum(axis=(1, 3)) for r in members]
+        heads = OTResult(
+            sum(moved) / len(moved),
+            sum(r.cost for r in members),
+            jnp.all(jnp.stack([r.converged for r in members])),
+            jnp.max(jnp.stack([r.iterations for r in members])),
+        )
+        return HeadPlans(heads, members)
+    if matching == "in_order" and h != h2:
+        raise FusionInputError(f"Heads({name!r}): in-order head matching needs equal head counts, got {h} and {h2}")
+    blocks = []
+    for flat in flats:
+        n = flat.shape[0] // h
+        cost = flat.reshape(h, n, h2, n).transpose(0, 2, 1, 3)  # (H, H', hd, hd)
+        solve = jax.vmap(lambda c: solver(c, uniform(n), uniform(n)))
+        if matching == "matched":
+            inner = jax.vmap(solve)(cost)
+        else:  # only the diagonal blocks, laid out as the (H, H) batch with zeros elsewhere
+            diagonal = solve(cost[jnp.arange(h), jnp.arange(h)])
+            inner = diagonal._replace(
+                plan=jnp.einsum("ab,aij->abij", jnp.eye(h, dtype=diagonal.plan.dtype), diagonal.plan),
+                cost=jnp.diag(diagonal.cost),
+            )
         blocks.append((inner, flat))
-        head_cost = head_cost + inner.cost
-    heads = solver(head_cost, uniform(head_cost.shape[0]), uniform(head_cost.shape[1]))
+    head_cost = sum(inner.cost for inner, _ in blocks)
+    if matching == "matched":
+        heads = solver(head_cost, uniform(head_cost.shape[0]), uniform(head_cost.shape[1]))
+    else:
+        order = identity_result(h)
+        heads = order._replace(cost=jnp.sum(order.plan * head_cost))
     members = []
     for inner, flat in blocks:
         h, h2, n, m = inner.plan.shape
@@ -224,15 +275,33 @@ class BalancedPlans:
         neuron's activations on the batch. Non-uniform marginals need a solver that takes
         them (:class:`jfusion.Sinkhorn`): :class:`jfusion.Exact` is refused here, before any
         tracing, because under ``jit`` the marginals it would check are traced.
+      heads: how structured groups (:class:`jfusion.Heads`) pair their heads
+        (:func:`head_plans`): ``"matched"`` (default: the head order is solved),
+        ``"in_order"`` (head ``h`` onto head ``h``, only the dims inside each head solved:
+        Transformer fusion, Imfeld et al. 2024), or ``"flat"`` (one plan per member over all
+        ``H hd`` dims, ignoring head boundaries: a heuristic whose aligned model need not
+        compute the model's function).
+      identity_groups: units that keep the identity plan ``I / n`` (neuron ``p`` of every
+        model onto neuron ``p`` of the reference) instead of being solved: plain groups, e.g. a
+        transformer's residual stream (Imfeld et al. 2024 compare aligning it with leaving
+        it), or ``Heads`` names (every member keeps its order). A member group of a
+        ``Heads`` name cannot be named alone (its head order is shared with the other
+        members). Checked against the spec (:meth:`check_spec`) before tracing; such a
+        group needs equal widths in every model and the reference.
 
     References:
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020
         (uniform and importance measures, §4).
+      - Moritz Imfeld, Jacopo Graldi, Marco Giordano, Thomas Hofmann, Sotiris Anagnostidis
+        and Sidak Pal Singh. *Transformer Fusion with Optimal Transport.* ICLR 2024 (heads
+        matched in order; residual stream aligned or not).
     """
 
     solver: Solver = Exact()
     metric: GroundMetric = GroundMetric()
     importance: Importance = "uniform"
+    heads: HeadMatching = "matched"
+    identity_groups: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.importance not in IMPORTANCES:
@@ -243,6 +312,23 @@ class BalancedPlans:
                 f"OT between uniform marginals only (an assignment); pass solver=jfusion.Sinkhorn() "
                 f"(a small epsilon, e.g. Sinkhorn(epsilon=1e-3), comes close to exact OT)"
             )
+        if self.heads not in HEAD_MATCHINGS:
+            raise FusionInputError(f"heads must be one of {HEAD_MATCHINGS}, got {self.heads!r}")
+        if isinstance(self.identity_groups, str) or not all(isinstance(g, str) for g in self.identity_groups):
+            raise FusionInputError(f"identity_groups must be a sequence of group names, got {self.identity_groups!r}")
+        object.__setattr__(self, "identity_groups", tuple(self.identity_groups))  # a list would not hash
+
+    def check_spec(self, spec: Spec) -> None:
+        """Raise :class:`jfusion.SpecError` for an ``identity_groups`` name that is not one of the spec's units."""
+        members = {g: name for name, group_members in spec.heads for g in group_members}
+        for group in self.identity_groups:
+            if group in members:
+                raise SpecError(
+                    f"identity_groups: {group!r} is a member of Heads({members[group]!r}), whose members share "
+                    f"one head order; name {members[group]!r} to keep the whole attention layer's identity"
+                )
+            if group not in spec.units:
+                raise SpecError(f"identity_groups: the spec has no group {group!r}; its groups are {list(spec.units)}")
 
     def output_width(self, group: str, reference_width: int) -> int:
         return reference_width
@@ -250,17 +336,32 @@ class BalancedPlans:
     def reference_plan(self, group: str, support: jax.Array) -> None:
         return None
 
-    def plan(self, group: str, support: jax.Array, reference_support: jax.Array, model: jax.Array) -> OTResult:
+    def plan(self, group: str, support: jax.Array, reference_support: jax.Array, model: jax.Array) -> OTResult | None:
+        if group in self.identity_groups:
+            _check_identity(group, support.shape[0], reference_support.shape[0])
+            return None
         return solve_balanced(self.solver, self.metric, group, support, reference_support, self.importance)
 
     def head_plans(
         self, name: str, supports: tuple[jax.Array, ...], reference_supports: tuple[jax.Array, ...], model: jax.Array
-    ) -> HeadPlans:
+    ) -> HeadPlans | None:
+        if name in self.identity_groups:
+            for x, y in zip(supports, reference_supports):
+                _check_identity(name, x.shape[0] * x.shape[1], y.shape[0] * y.shape[1])
+            return None
         if self.importance != "uniform":
             raise FusionInputError(
                 f"Heads({name!r}): structured plans use uniform measures; importance={self.importance!r} is not supported there"
             )
-        return head_plans(self.solver, self.metric, name, supports, reference_supports)
+        return head_plans(self.solver, self.metric, name, supports, reference_supports, self.heads)
 
     def coverage(self, group: str, received: jax.Array) -> jax.Array:
         return (received > 0).astype(received.dtype)
+
+
+def _check_identity(group: str, width: int, reference_width: int) -> None:
+    if width != reference_width:
+        raise FusionInputError(
+            f"group {group!r} keeps the identity plan (identity_groups), which needs equal widths, "
+            f"but the model has {width} neurons there and the reference {reference_width}"
+        )

@@ -14,7 +14,7 @@ import jax
 
 from jfusion.core.align import prepare, run
 from jfusion.core.costs import GroundMetric, resolve_metric
-from jfusion.core.plans import BalancedPlans, Importance, PlanProducer
+from jfusion.core.plans import BalancedPlans, HeadMatching, Importance, PlanProducer
 from jfusion.core.solvers import OTResult, Solver, resolve_solver
 from jfusion.core.spec import Spec
 from jfusion.core.support import AlignmentMethod
@@ -43,6 +43,8 @@ def fuse(
     alignment: str | AlignmentMethod = "weights",
     metric: str | GroundMetric = "euclidean",
     importance: Importance = "uniform",
+    heads: HeadMatching = "matched",
+    identity_groups: Sequence[str] = (),
     model_weights: jax.Array | Sequence[float] | None = None,
     target: int | PyTree = 0,
     inputs: jax.Array | None = None,
@@ -73,6 +75,12 @@ def fuse(
         importance (mass proportional to the norm of each neuron's support row, on the
         models' and the target's side; see :class:`jfusion.BalancedPlans`). Needs
         ``solver=jfusion.Sinkhorn()``.
+      heads: how attention heads (:class:`jfusion.Heads`) are paired: ``"matched"`` (default:
+        the head order is solved), ``"in_order"`` (head ``h`` onto head ``h``, as Transformer
+        fusion does) or ``"flat"`` (one plan over all ``H hd`` dims of each member, a
+        heuristic that ignores head boundaries); see :class:`jfusion.BalancedPlans`.
+      identity_groups: groups (or ``Heads`` names) that keep the identity plan instead of
+        being solved, e.g. ``("r",)`` to leave a ViT's residual stream unaligned.
       model_weights: the weights ``w_k`` (K,), normalised to sum to one; uniform by default.
       target: index of the model to align onto, or a params pytree of the target
         architecture (other widths: fusing into a smaller or larger model).
@@ -102,7 +110,7 @@ def fuse(
     References:
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020.
     """
-    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance)
+    producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance, heads, tuple(identity_groups))
     return fuse_with(producer, params_list, spec, alignment=alignment, model_weights=model_weights, target=target, inputs=inputs)
 
 
