@@ -15,7 +15,7 @@ MODULES = [
     "jfusion.core.support",  # ByWeights, ByActivations
     "jfusion.core.matching",  # WeightMatching
     "jfusion.check",  # check_spec, permute
-    "jfusion.models.vit",  # vit_spec
+    "jfusion.models.vit",  # vit_spec, NnxViT
     "jfusion.trace",  # trace_spec
     "jfusion.methods.fuse",
     "jfusion.methods.partial",

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import scipy.optimize
 
+from flax import nnx
+
 import jfusion
 from jfusion.core.plans import head_plans
-from jfusion.models.vit import ViT, vit_spec
+from jfusion.core.tree import flatten, unflatten
+from jfusion.models.vit import NnxViT, ViT, vit_spec
 
 SEED = 1  # a draw that swaps the two heads and moves dims inside every head
 
@@ -66,6 +69,40 @@ def test_planted_permutations_are_recovered_by_activations(vit):
     for group, perm in perms.items():
         np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
     np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5)
+
+
+def assert_recovered(fused, perms, reference, apply, x):
+    """Every planted permutation (heads and flat members) is the fused plan; same weights, same function."""
+    for group, perm in perms.items():
+        np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
+    np.testing.assert_allclose(apply(fused.params, x), apply(reference, x), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), fused.params, reference)
+
+
+def random_state(module, seed):
+    """The module's nnx state with every leaf random, so that no leaf's permutation goes unseen."""
+    leaves, treedef = flatten(nnx.state(module))
+    rng = np.random.default_rng(seed)
+    return unflatten(treedef, {p: jnp.asarray(rng.normal(size=x.shape) * 0.5, jnp.float32) for p, x in leaves.items()})
+
+
+def test_nnx_vit_planted_permutations_are_recovered_by_weights_and_by_activations():
+    model = NnxViT(image_size=14, patch=7, dim=8, heads=2, blocks=1, mlp=16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 14, 14))
+    graphdef, state = nnx.split(model)
+    state = random_state(model, 0)
+    apply = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    spec = model.spec()
+    assert spec.units == vit_spec(1).units and spec.heads == vit_spec(1).heads  # checked in its docstring
+    shuffled, perms = jfusion.permute(state, spec, jax.random.key(SEED))
+    assert perms["b0"].tolist() == [1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        assert_recovered(jfusion.fuse([state, shuffled], spec, solver="exact"), perms, state, apply, x)
+    alignment = jfusion.ByActivations.from_module(model, points=spec)  # q, k, v per head: (B, N, H, hd) flattened
+    assert dict((g, axes) for g, _, axes in alignment.fn.points) == {"r": 1, "b0.qk": 2, "b0.vo": 2, "b0.mlp": 1}
+    fused = jfusion.fuse([state, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
+    assert_recovered(fused, perms, state, apply, x)
 
 
 def test_a_permutation_that_splits_a_head_is_caught(vit):

@@ -15,7 +15,7 @@ from jfusion.models.registry import (
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
 from jfusion.models.rnn import RecurrentClassifier, rnn_spec
 from jfusion.models.vgg import VGG, VGG11, vgg_spec
-from jfusion.models.vit import ViT, vit_spec
+from jfusion.models.vit import NnxViT, ViT, vit_spec
 from jfusion.models.widths import module_for, widths_of
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "ModelConfigError",
+    "NnxViT",
     "RecurrentClassifier",
     "ResNet",
     "ResNet18",
