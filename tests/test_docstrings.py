@@ -16,6 +16,7 @@ MODULES = [
     "jfusion.core.matching",  # WeightMatching
     "jfusion.check",  # check_spec, permute
     "jfusion.models.vit",  # vit_spec, NnxViT
+    "jfusion.models.text",  # text_encoder_spec
     "jfusion.trace",  # trace_spec
     "jfusion.methods.fuse",
     "jfusion.methods.partial",

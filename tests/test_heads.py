@@ -14,6 +14,7 @@ from flax import nnx
 import jfusion
 from jfusion.core.plans import head_plans
 from jfusion.core.tree import flatten, unflatten
+from jfusion.models.text import NnxTextEncoder, TextEncoder
 from jfusion.models.vit import NnxViT, ViT, vit_spec
 
 SEED = 1  # a draw that swaps the two heads and moves dims inside every head
@@ -103,6 +104,24 @@ def test_nnx_vit_planted_permutations_are_recovered_by_weights_and_by_activation
     assert dict((g, axes) for g, _, axes in alignment.fn.points) == {"r": 1, "b0.qk": 2, "b0.vo": 2, "b0.mlp": 1}
     fused = jfusion.fuse([state, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
     assert_recovered(fused, perms, state, apply, x)
+
+
+def test_text_encoder_planted_permutations_are_recovered_through_the_token_embedding():
+    model = TextEncoder(vocab=11, length=6, dim=8, heads=2, blocks=1, mlp=16)
+    tokens = jax.random.randint(jax.random.key(0), (4, 5), 0, 11)  # shorter than length: the first rows
+    params = jax.jit(model.init)(jax.random.key(1), tokens)
+    spec = model.spec()
+    assert spec["params/embed/embedding"].axes == (None, "r") and spec.units == ("r", "b0", "b0.mlp")
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    assert perms["b0"].tolist() == [1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        fused = jfusion.fuse([params, shuffled], spec, solver="exact")
+    assert_recovered(fused, perms, params, jax.jit(model.apply), tokens)
+    # The nnx encoder shares the blocks: its state's leaves are the nnx spec's, with the same widths.
+    nnx_model = NnxTextEncoder(vocab=11, length=6, dim=8, heads=2, blocks=1, mlp=16, rngs=nnx.Rngs(0))
+    shapes = {p: x.shape for p, x in flatten(nnx.state(nnx_model))[0].items()}
+    assert nnx_model.spec().validate(shapes) == spec.validate({p: x.shape for p, x in flatten(params)[0].items()})
 
 
 def test_a_permutation_that_splits_a_head_is_caught(vit):
