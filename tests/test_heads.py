@@ -3,6 +3,7 @@
 import functools
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,42 @@ def test_text_encoder_planted_permutations_are_recovered_through_the_token_embed
     nnx_model = NnxTextEncoder(vocab=11, length=6, dim=8, heads=2, blocks=1, mlp=16, rngs=nnx.Rngs(0))
     shapes = {p: x.shape for p, x in flatten(nnx.state(nnx_model))[0].items()}
     assert nnx_model.spec().validate(shapes) == spec.validate({p: x.shape for p, x in flatten(params)[0].items()})
+
+
+class FusedAttention(nn.Module):
+    """Self-attention with one Dense projection ``qkv`` to q, k and v (``(d, 3 H hd)``) and a Dense ``out``."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, d = x.shape
+        q, k, v = jnp.moveaxis(nn.Dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.heads, -1), 2, 0)
+        return nn.Dense(d, name="out")(nn.dot_product_attention(q, k, v).reshape(b, n, d))
+
+
+class FusedQKV(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(x.shape[-1], name="embed")(x)
+        return nn.Dense(3, name="head")(x + FusedAttention(2, name="attn")(x)).mean(axis=1)
+
+
+def test_fused_qkv_planted_permutations_are_recovered():
+    model, x = FusedQKV(), jax.random.normal(jax.random.key(0), (4, 5, 8))
+    params = jax.jit(model.init)(jax.random.key(1), x)
+    spec = jfusion.Spec({
+        **jfusion.layers.dense("embed", None, "r"),
+        **jfusion.layers.fused_attention("attn", "r", "b0", 2),
+        **jfusion.layers.dense("head", "r", None),
+    })
+    assert spec.heads == (("b0", ("b0.qkv",)),)
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    assert perms["b0"].tolist() == [1, 0] and (np.asarray(perms["b0.qkv"]).reshape(2, 4) % 4 != np.arange(4)).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        fused = jfusion.fuse([params, shuffled], spec, solver="exact")
+    assert_recovered(fused, perms, params, jax.jit(model.apply), x)
 
 
 def test_a_permutation_that_splits_a_head_is_caught(vit):

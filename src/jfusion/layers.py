@@ -16,6 +16,6 @@ Paths are linen's (``"params/Conv_0/kernel"``, ``"batch_stats/BatchNorm_0/mean"`
 default and an ``nnx.State``'s (``"conv/kernel"``, ``"norm/mean"``) with ``nnx=True``.
 """
 
-from jfusion.core.spec import attention, batch_norm, bias, conv, dense, embed, layer_norm
+from jfusion.core.spec import attention, batch_norm, bias, conv, dense, embed, fused_attention, layer_norm
 
-__all__ = ["attention", "batch_norm", "bias", "conv", "dense", "embed", "layer_norm"]
+__all__ = ["attention", "batch_norm", "bias", "conv", "dense", "embed", "fused_attention", "layer_norm"]

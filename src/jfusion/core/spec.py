@@ -60,7 +60,9 @@ class Heads:
         head permutation.
       count: the number of heads, for a view such as ``("r", (Heads("b0", 4), "b0.qk"))``
         (a Dense kernel with ``H * hd`` outputs) where no other leaf sizes them; None reads
-        it from the leaves.
+        it from the leaves. A fused q/k/v kernel ``(d, 3 H hd)`` is ``("r", (3, Heads("b0",
+        4), "b0.qkv"))`` (:func:`jfusion.layers.fused_attention`): one member for the three
+        blocks, since a view cannot give blocks of one axis different groups.
 
     Examples:
       >>> import jfusion
@@ -800,6 +802,68 @@ def attention(
     entries[f"{params}/out/kernel"] = (Heads(heads), f"{heads}.vo", outputs)
     if bias:
         entries[f"{params}/out/bias"] = (outputs,)
+    return entries
+
+
+def fused_attention(
+    name: str,
+    inputs: str | None,
+    heads: str,
+    count: int,
+    outputs: str | None = None,
+    *,
+    qkv: str = "qkv",
+    out: str = "out",
+    bias: bool = True,
+    nnx: bool = False,
+) -> Entries:
+    """Entries of attention with one fused q/k/v projection: Dense kernels ``qkv (d, 3 H hd)`` and ``out (H hd, d)``.
+
+    The fused projection's outputs are the queries, the keys and the values concatenated,
+    each head-major (``(3, H, hd)`` in C order, as ``reshape(..., 3, H, hd)`` splits them),
+    so its kernel is the view ``(inputs, (3, Heads(heads, count), f"{heads}.qkv"))`` and the
+    output projection reads ``((Heads(heads, count), f"{heads}.qkv"), outputs)``. A view is a
+    reshape: the three blocks share one member group, so the queries, keys and values take
+    the same permutation inside each head (the head permutation is the full one). That is a
+    symmetry of attention, a subgroup of the one stock attention's separate kernels give
+    (:func:`attention`: q/k and v/o permuted independently inside each head), and it keeps
+    the function exactly; planted permutations of it are recovered exactly.
+
+    Args:
+      name: the attention module's path.
+      inputs: the group the projections read (the residual stream), or None.
+      heads: the structured group's name; its member is ``f"{heads}.qkv"``.
+      count: the number of heads ``H`` (a view needs it: no leaf has the heads on an axis of
+        their own).
+      outputs: the group the output projection writes; ``inputs`` when None.
+      qkv: the fused projection's module name inside ``name``.
+      out: the output projection's module name inside ``name``.
+      bias: whether the projections have biases.
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
+
+    Examples:
+      >>> import jfusion
+      >>> for path, axes in jfusion.layers.fused_attention("attn", "r", "b0", 4).items():
+      ...     print(path, axes)
+      params/attn/qkv/kernel ('r', (3, Heads('b0', 4), 'b0.qkv'))
+      params/attn/qkv/bias ((3, Heads('b0', 4), 'b0.qkv'),)
+      params/attn/out/kernel ((Heads('b0', 4), 'b0.qkv'), 'r')
+      params/attn/out/bias ('r',)
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise SpecError(f"{name}: count is the number of heads, an int >= 1, not {count!r}")
+    params, _ = _layer_paths(name, nnx)
+    outputs = inputs if outputs is None else outputs
+    member = (Heads(heads, count), f"{heads}.qkv")
+    entries: Entries = {f"{params}/{qkv}/kernel": (inputs, (3, *member))}
+    if bias:
+        entries[f"{params}/{qkv}/bias"] = ((3, *member),)
+    entries[f"{params}/{out}/kernel"] = (member, outputs)
+    if bias:
+        entries[f"{params}/{out}/bias"] = (outputs,)
     return entries
 
 
