@@ -12,6 +12,8 @@ import scipy.optimize
 
 from flax import nnx
 
+from planted import assert_same_groups
+
 import jfusion
 from jfusion.core.plans import head_plans
 from jfusion.core.tree import flatten, unflatten
@@ -159,6 +161,10 @@ def test_fused_qkv_planted_permutations_are_recovered():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
         fused = jfusion.fuse([params, shuffled], spec, solver="exact")
     assert_recovered(fused, perms, params, jax.jit(model.apply), x)
+    # trace_spec finds the same layout: the heads inside the fused axis, one member for q, k and v.
+    traced = jfusion.trace_spec(model.apply, params, x, check=False)
+    assert_same_groups(traced, spec)
+    assert traced["params/attn/qkv/kernel"].axes == ("attn/out", (3, jfusion.Heads("attn/qkv", 2), "attn/qkv.1"))
 
 
 def test_a_permutation_that_splits_a_head_is_caught(vit):

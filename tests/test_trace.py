@@ -21,7 +21,10 @@ from jfusion.models import (
     VGG,
     VGG11,
     RecurrentClassifier,
+    NnxViT,
     ResNet,
+    TextEncoder,
+    ViT,
     mlp_spec,
     rnn_spec,
 )
@@ -46,6 +49,9 @@ REFERENCE = {
     "resnet18": (ResNet((2, 2, 2, 2), (4, 8, 8, 8)), IMAGE),
     "resnet20": (ResNet((3, 3, 3), (4, 8, 8)), IMAGE),
     **{f"rnn_{cell}": (RecurrentClassifier((5,), 3, cell), SEQUENCE) for cell in ("simple", "lstm", "gru")},
+    # Stock attention: the heads, q/k's and v/o's dims inside them (Heads), as vit_spec has them.
+    "vit": (ViT(patch=4, dim=8, heads=2, blocks=2, mlp=6), jnp.ones((1, 8, 8))),
+    "text": (TextEncoder(vocab=7, length=5, dim=8, heads=2, blocks=1, mlp=6), jnp.ones((2, 4), jnp.int32)),
 }
 
 
@@ -254,6 +260,15 @@ def test_nnx_module_traces_to_paths_of_its_state():
     assert_same_groups(traced, jfusion.Spec(hand))
     assert traced.groups == ("first", "second")
     assert set(traced.paths) == set(flatten(nnx.split(module)[1])[0])
+
+
+def test_traced_heads_of_an_nnx_vit_are_named_after_the_attention():
+    model = NnxViT(image_size=8, patch=4, dim=8, heads=2, blocks=1, mlp=6, rngs=nnx.Rngs(0))
+    traced = jfusion.trace_spec(model, jnp.ones((2, 8, 8)), check=False)  # the hand spec is checked in its docstring
+    assert_same_groups(traced, model.spec())
+    assert traced.heads == (("blocks/0/attn", ("blocks/0/attn/key+query", "blocks/0/attn/value")),)
+    assert traced["blocks/0/attn/query/kernel"].axes == ("blocks/0/attn/out", jfusion.Heads("blocks/0/attn"), "blocks/0/attn/key+query")
+    assert traced.units == ("blocks/0/attn/out", "blocks/0/attn", "blocks/0/fc1")  # the stream first, as vit_spec
 
 
 class NnxConvBN(nnx.Module):

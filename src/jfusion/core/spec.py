@@ -262,8 +262,8 @@ def _order(
 
     A residual stream feeds the blocks that write back into it, so streams make the "feeds"
     relation cyclic. When no unit has all its inputs solved, the next one is a unit with at
-    least one writer whose inputs are all solved -- the stem or the projection shortcut that
-    opens the stream; its other writers join its support in a second sweep
+    least one writer whose inputs are all solved, a kernel if any unit has one -- the stem or
+    the projection shortcut that opens the stream; its other writers join its support in a second sweep
     (:class:`jfusion.ByWeights`). OTFusion likewise takes a stream's map from its earliest layer.
     """
     member_of = {g: name for name, members in heads.items() for g in members}
@@ -279,8 +279,10 @@ def _order(
         solved = {g for u in order for g in members[u]}
         remaining = [u for u in names if u not in order]
         ready = [u for u in remaining if all(inputs(w, u) <= solved for w in unit_writers[u])]
-        if not ready:
-            ready = [u for u in remaining if any(inputs(w, u) <= solved for w in unit_writers[u])][:1]
+        if not ready:  # a kernel opens the stream, not a bias (which reads nothing)
+            opens = [[w for w in unit_writers[u] if inputs(w, u) <= solved] for u in remaining]
+            ready = [u for u, ws in zip(remaining, opens) if any(len(w.dims) > 1 for w in ws)][:1]
+            ready = ready or [u for u, ws in zip(remaining, opens) if ws][:1]
         if not ready:
             waiting = {
                 u: sorted(set().union(*(inputs(w, u) for w in unit_writers[u])) - solved) for u in remaining
