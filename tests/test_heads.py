@@ -68,15 +68,17 @@ def test_planted_permutations_are_recovered_by_activations(vit):
     model, apply, params, x = vit
     spec = model.spec()
     shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
-    alignment = jfusion.ByActivations(model.activations())
+    alignment = jfusion.ByActivations.from_module(model, points=spec)  # q and k per head: samples of b0.qk
     fused = jfusion.fuse([params, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
     for group, perm in perms.items():
         np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
     np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5)
 
 
-def assert_recovered(fused, perms, reference, apply, x):
-    """Every planted permutation (heads and flat members) is the fused plan; same weights, same function."""
+def assert_recovered(fused, perms, reference, shuffled, apply, x):
+    """The planted permutations keep the function (the spec is right), and every one (heads and
+    flat members) is the fused plan: the reference's weights and function again."""
+    np.testing.assert_allclose(apply(shuffled, x), apply(reference, x), atol=1e-5)
     for group, perm in perms.items():
         np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
     np.testing.assert_allclose(apply(fused.params, x), apply(reference, x), atol=1e-5)
@@ -97,16 +99,16 @@ def test_nnx_vit_planted_permutations_are_recovered_by_weights_and_by_activation
     state = random_state(model, 0)
     apply = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     spec = model.spec()
-    assert spec.units == vit_spec(1).units and spec.heads == vit_spec(1).heads  # checked in its docstring
+    assert spec.units == vit_spec(1).units and spec.heads == vit_spec(1).heads
     shuffled, perms = jfusion.permute(state, spec, jax.random.key(SEED))
     assert perms["b0"].tolist() == [1, 0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
-        assert_recovered(jfusion.fuse([state, shuffled], spec, solver="exact"), perms, state, apply, x)
+        assert_recovered(jfusion.fuse([state, shuffled], spec, solver="exact"), perms, state, shuffled, apply, x)
     alignment = jfusion.ByActivations.from_module(model, points=spec)  # q, k, v per head: (B, N, H, hd) flattened
     assert dict((g, axes) for g, _, axes in alignment.fn.points) == {"r": 1, "b0.qk": 2, "b0.vo": 2, "b0.mlp": 1}
     fused = jfusion.fuse([state, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
-    assert_recovered(fused, perms, state, apply, x)
+    assert_recovered(fused, perms, state, shuffled, apply, x)
 
 
 def test_text_encoder_planted_permutations_are_recovered_through_the_token_embedding():
@@ -120,7 +122,7 @@ def test_text_encoder_planted_permutations_are_recovered_through_the_token_embed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
         fused = jfusion.fuse([params, shuffled], spec, solver="exact")
-    assert_recovered(fused, perms, params, jax.jit(model.apply), tokens)
+    assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), tokens)
     # The nnx encoder shares the blocks: its state's leaves are the nnx spec's, with the same widths.
     nnx_model = NnxTextEncoder(vocab=11, length=6, dim=8, heads=2, blocks=1, mlp=16, rngs=nnx.Rngs(0))
     shapes = {p: x.shape for p, x in flatten(nnx.state(nnx_model))[0].items()}
@@ -160,7 +162,7 @@ def test_fused_qkv_planted_permutations_are_recovered():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
         fused = jfusion.fuse([params, shuffled], spec, solver="exact")
-    assert_recovered(fused, perms, params, jax.jit(model.apply), x)
+    assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), x)
     # trace_spec finds the same layout: the heads inside the fused axis, one member for q, k and v.
     traced = jfusion.trace_spec(model.apply, params, x, check=False)
     assert_same_groups(traced, spec)

@@ -264,7 +264,7 @@ def test_nnx_module_traces_to_paths_of_its_state():
 
 def test_traced_heads_of_an_nnx_vit_are_named_after_the_attention():
     model = NnxViT(image_size=8, patch=4, dim=8, heads=2, blocks=1, mlp=6, rngs=nnx.Rngs(0))
-    traced = jfusion.trace_spec(model, jnp.ones((2, 8, 8)), check=False)  # the hand spec is checked in its docstring
+    traced = jfusion.trace_spec(model, jnp.ones((2, 8, 8)), check=False)  # the hand spec: test_heads
     assert_same_groups(traced, model.spec())
     assert traced.heads == (("blocks/0/attn", ("blocks/0/attn/key+query", "blocks/0/attn/value")),)
     assert traced["blocks/0/attn/query/kernel"].axes == ("blocks/0/attn/out", jfusion.Heads("blocks/0/attn"), "blocks/0/attn/key+query")

@@ -54,7 +54,7 @@ class TextEncoder(nn.Module):
         positions = self.param("pos_embedding", nn.initializers.normal(0.02), (1, self.length, self.dim))
         x = x + positions[:, : x.shape[1]]
         for i in range(self.blocks):
-            x = EncoderBlock(self.heads, self.mlp, f"b{i}.mlp", name=block_path(i))(x)
+            x = EncoderBlock(self.heads, self.mlp, name=block_path(i))(x)
         x = nn.LayerNorm(name="ln")(x)
         return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=1))
 

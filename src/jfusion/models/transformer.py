@@ -20,25 +20,19 @@ import jax
 from flax import nnx
 
 from jfusion.core.spec import Entries, attention, dense, layer_norm
-from jfusion.models.sow import record_activations
 
 
 class EncoderBlock(nn.Module):
-    """One pre-LN transformer block (linen): ``x + attn(LN(x))``, then ``x + fc2(gelu(fc1(LN(x))))``.
-
-    ``fc1``'s pre-activations are sown under ``mlp_group``.
-    """
+    """One pre-LN transformer block (linen): ``x + attn(LN(x))``, then ``x + fc2(gelu(fc1(LN(x))))``."""
 
     heads: int
     mlp: int
-    mlp_group: str
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nn.LayerNorm(name="ln1")(x)
         x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(y, y)
         y = nn.Dense(self.mlp, name="fc1")(nn.LayerNorm(name="ln2")(x))
-        record_activations(self, self.mlp_group, y)
         return x + nn.Dense(x.shape[-1], name="fc2")(nn.gelu(y))
 
 

@@ -8,13 +8,12 @@ Every layer that writes the residual stream (the patch embedding, the positional
 each attention's output projection and each MLP's second layer) and every LayerNorm on it
 carries one group, ``r``; each attention layer is a structured group (:class:`jfusion.Heads`
 ``f"b{i}"``, with members ``b{i}.qk`` and ``b{i}.vo``) and each MLP's hidden layer the group
-``b{i}.mlp``.
+``b{i}.mlp``. Align them by activations with ``jfusion.ByActivations.from_module(model,
+points=model.spec())``: each group's activations are its writer modules' outputs, the
+query, key and value projections' ``(B, N, H, hd)`` flattened head-major.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,16 +61,12 @@ class ViT(nn.Module):
         """This model's Spec (see :func:`vit_spec`)."""
         return vit_spec(self.blocks)
 
-    def activations(self) -> "ViTActivations":
-        """Every group's activations, for ``jfusion.ByActivations(model.activations())``."""
-        return ViTActivations(self)
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Dense(self.dim, name="embed")(patches(x, self.patch))
         x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
         for i in range(self.blocks):
-            x = EncoderBlock(self.heads, self.mlp, f"b{i}.mlp", name=block_path(i))(x)
+            x = EncoderBlock(self.heads, self.mlp, name=block_path(i))(x)
         x = nn.LayerNorm(name="ln")(x)
         return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=1))
 
@@ -86,11 +81,10 @@ class NnxViT(nnx.Module):
       >>> from flax import nnx
       >>> from jfusion.models.vit import NnxViT
       >>> model = NnxViT(image_size=14, patch=7, dim=8, heads=2, blocks=1, mlp=16, rngs=nnx.Rngs(0))
-      >>> x = jnp.ones((3, 14, 14))
-      >>> model(x).shape
+      >>> model(jnp.ones((3, 14, 14))).shape
       (3, 10)
-      >>> graphdef, state = nnx.split(model)
-      >>> jfusion.check_spec(lambda s, x: nnx.merge(graphdef, s)(x), state, model.spec(), x)
+      >>> model.spec().validate({p: x.shape for p, x in jfusion.core.tree.flatten(nnx.state(model))[0].items()})
+      {'r': 8, 'b0': 2, 'b0.qk': 8, 'b0.vo': 8, 'b0.mlp': 16}
     """
 
     def __init__(
@@ -144,39 +138,3 @@ def vit_spec(blocks: int, *, nnx: bool = False) -> Spec:
       (Heads('b1'), 'b1.vo', 'r')
     """
     return Spec({**dense("embed", None, "r", nnx=nnx), **position_entry(nnx=nnx), **encoder_entries(blocks, nnx=nnx)})
-
-
-@dataclasses.dataclass(frozen=True)
-class ViTActivations:
-    """A :class:`ViT`'s activations per group, captured from its submodules' outputs.
-
-    ``r``: the outputs of the patch embedding and of every attention and MLP (what each
-    writes to the stream); ``b{i}.qk``: the queries and the keys of block ``i``, ``(B, N, H,
-    hd)`` flattened head-major to ``H * hd`` features (the layout of the Spec's member
-    group); ``b{i}.vo``: its values; ``b{i}.mlp``: its MLP's pre-activations. Values of one
-    group are stacked along the sample axis. Hashable, so ``jit`` caches its programs.
-    """
-
-    module: ViT
-
-    def __call__(self, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
-        _, state = self.module.apply(variables, inputs, capture_intermediates=True, mutable=["intermediates"])
-        got = state["intermediates"]
-
-        def out(*path: str, heads: bool = False) -> jax.Array:
-            node = got
-            for name in path:
-                node = node[name]
-            value = node["__call__"][0]
-            return value.reshape(-1, value.shape[-2] * value.shape[-1] if heads else value.shape[-1])
-
-        streams = [out("embed")]
-        groups: dict[str, jax.Array] = {}
-        for i in range(self.module.blocks):
-            block = f"block{i}"
-            streams += [out(block, "attn"), out(block, "fc2")]
-            attn = (block, "attn")
-            groups[f"b{i}.qk"] = jnp.concatenate([out(*attn, "query", heads=True), out(*attn, "key", heads=True)])
-            groups[f"b{i}.vo"] = out(*attn, "value", heads=True)
-            groups[f"b{i}.mlp"] = out(block, "fc1")
-        return {"r": jnp.concatenate(streams), **groups}
