@@ -271,6 +271,26 @@ def test_traced_heads_of_an_nnx_vit_are_named_after_the_attention():
     assert traced.units == ("blocks/0/attn/out", "blocks/0/attn", "blocks/0/fc1")  # the stream first, as vit_spec
 
 
+class NnxQKNormAttention(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(4, 8, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, 8, decode=False, normalize_qk=True, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        return self.head((x + self.attn(x)).mean(axis=1))
+
+
+def test_heads_with_a_shared_qk_norm_scale_stay_in_place():
+    # The (hd,) LayerNorm scales are shared by every head: no per-head permutation of q/k's
+    # dims keeps them, so no Heads is inferred, and the values' dims move alike in all heads.
+    traced = jfusion.trace_spec(NnxQKNormAttention(nnx.Rngs(0)), jnp.ones((2, 5, 4)), check=False)
+    assert traced.heads == ()
+    assert traced["attn/query/kernel"].axes == ("attn/out", None, None)
+    assert traced["attn/value/kernel"].axes == ("attn/out", None, "attn/value")
+
+
 class NnxConvBN(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)

@@ -711,7 +711,7 @@ def _heads(labelled: Mapping[str, list], writers: Mapping[Node, list[str]]) -> d
         if h in writers or None in following:
             continue
         members = sorted(following, key=str)
-        if all(m in writers and m not in after.get(m, ()) and before[m] == {h} for m in members) and h not in members:
+        if h not in following and all(m in writers and before[m] == {h} for m in members):
             heads[h] = members
     return heads
 

@@ -55,6 +55,12 @@ class Heads:
     projections (contracted together in ``q . k``, so nothing reads it), and ``vo``, shared
     by the value projection and the output projection's input.
 
+    :func:`jfusion.layers.attention` writes stock Flax attention's entries,
+    :func:`jfusion.layers.fused_attention` those of a fused q/k/v projection;
+    :func:`jfusion.trace_spec` infers both, and ``ByActivations.from_module(model,
+    points=spec)`` reads each member's activations per head (the projections' ``(..., H,
+    hd)`` outputs flattened head-major).
+
     Attributes:
       name: the structured group's name (one per attention layer); its members share the
         head permutation.
