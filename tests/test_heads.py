@@ -222,6 +222,10 @@ def test_heads_labels_are_validated():
     view = jfusion.Spec({"e": (None, "r"), "q": ("r", (jfusion.Heads("b", 2), "b.qk")), "k": ("r", (jfusion.Heads("b"), "b.qk")), "o": ("r", None)})
     assert view.validate({"e": (3, 8), "q": (8, 8), "k": (8, 8), "o": (8, 2)}) == {"r": 8, "b": 2, "b.qk": 8}
     assert view["q"].view_shape((8, 8), {"r": 8, "b": 2, "b.qk": 8}) == (8, 8)
+    # Blocks of one axis with labels of their own (a concatenation) are no view: a clear error.
+    blocks = ((jfusion.Heads("b", 2), "b.qk"), (jfusion.Heads("b", 2), "b.qk"), (jfusion.Heads("b", 2), "b.vo"))
+    with pytest.raises(jfusion.SpecError, match=r"qkv/kernel: axis 1 view .* nests a tuple .*fused_attention"):
+        jfusion.Spec({"e": (None, "r"), "qkv/kernel": ("r", blocks), "o": ((jfusion.Heads("b", 2), "b.vo"), "r")})
     # A spec without heads: units are its groups, nothing else changes.
     plain = jfusion.models.mlp_spec(3)
     assert plain.units == plain.groups and plain.heads == ()

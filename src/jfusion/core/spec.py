@@ -111,6 +111,13 @@ def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
         if not dims:
             raise SpecError(f"{path}: axis {axis} has an empty view; give at least one dim")
         for d in dims:
+            if isinstance(d, (tuple, list)):
+                raise SpecError(
+                    f"{path}: axis {axis} view {dims} nests a tuple ({d!r}): a view is one reshape of the "
+                    f"axis, not a concatenation of blocks with labels of their own. A fused q/k/v kernel "
+                    f"is the view (3, Heads(name, H), member), q, k and v sharing the member "
+                    f"(jfusion.layers.fused_attention)"
+                )
             if not (d is None or isinstance(d, (str, Heads)) or (isinstance(d, int) and d > 0)):
                 raise SpecError(
                     f"{path}: axis {axis} view dim {d!r} must be a group name, Heads(name), a positive int or None"
