@@ -106,7 +106,7 @@ def test_nnx_vit_planted_permutations_are_recovered_by_weights_and_by_activation
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
         assert_recovered(jfusion.fuse([state, shuffled], spec, solver="exact"), perms, state, shuffled, apply, x)
     alignment = jfusion.ByActivations.from_module(model, points=spec)  # q, k, v per head: (B, N, H, hd) flattened
-    assert dict((g, axes) for g, _, axes in alignment.fn.points) == {"r": 1, "b0.qk": 2, "b0.vo": 2, "b0.mlp": 1}
+    assert {g: layout for g, _, *layout in alignment.fn.points} == {"r": [1, 1], "b0.qk": [2, 1], "b0.vo": [2, 1], "b0.mlp": [1, 1]}
     fused = jfusion.fuse([state, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
     assert_recovered(fused, perms, state, shuffled, apply, x)
 
@@ -163,6 +163,12 @@ def test_fused_qkv_planted_permutations_are_recovered():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
         fused = jfusion.fuse([params, shuffled], spec, solver="exact")
     assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), x)
+    # By activations, the fused projection's q, k and v blocks are three samples of the member.
+    acts = jfusion.ByActivations.from_module(model, points=spec).fn(params, x)
+    qkv = x @ params["params"]["embed"]["kernel"] + params["params"]["embed"]["bias"]
+    qkv = qkv @ params["params"]["attn"]["qkv"]["kernel"] + params["params"]["attn"]["qkv"]["bias"]
+    np.testing.assert_allclose(acts["b0.qkv"], qkv.reshape(-1, 8), rtol=1e-5, atol=1e-6)
+    assert acts["b0.qkv"].shape == (3 * 4 * 5, 8)
     # trace_spec finds the same layout: the heads inside the fused axis, one member for q, k and v.
     traced = jfusion.trace_spec(model.apply, params, x, check=False)
     assert_same_groups(traced, spec)

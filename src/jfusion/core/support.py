@@ -72,23 +72,32 @@ class ByWeights:
             raise ValueError(f"ByWeights.sweeps must be an int >= 1, got {self.sweeps!r}")
 
 
-Points = tuple[tuple[str, tuple[str, ...], int], ...]  # (group, module paths, feature axes)
+Points = tuple[tuple[str, tuple[str, ...], int, int], ...]  # (group, module paths, feature axes, blocks)
 
 
-def _feature_axes(leaf: LeafSpec) -> int:
-    """How many trailing axes of the leaf carry its output group: 2 for a head-split
-    projection ``(d, H, hd)`` or its bias ``(H, hd)`` (the heads axis and the member's), else 1.
+def _feature_layout(leaf: LeafSpec) -> tuple[int, int]:
+    """How a writer module's output holds the leaf's output group: ``(axes, blocks)``.
 
-    The module's output has the same trailing feature axes, flattened head-major into the
-    member group's ``H * hd`` neurons.
+    ``axes``: the trailing axes that carry the group, 2 for a head-split projection ``(d, H,
+    hd)`` or its bias ``(H, hd)`` (the heads axis and the member's, flattened head-major into
+    the member's ``H * hd`` neurons), else 1. ``blocks``: the fixed sizes before the group in
+    those axes' views, blocks of the same neurons -- a fused q/k/v projection's ``(3, H,
+    hd)`` outputs are three samples (q, k and v) of its one member.
     """
     heads = leaf.dim_heads[-1] if leaf.dim_heads else None
-    count = 0
+    axes, blocks = 0, 1
     for dims in reversed(leaf.axis_dims):
         if not any(d == leaf.output_group or (isinstance(d, Heads) and d.name == heads) for d in dims):
             break
-        count += 1
-    return max(count, 1)
+        axes += 1
+        if None in dims:
+            raise SpecError(
+                f"{leaf.path}: the view {dims} of its output has an inferred (None) size, so its module's "
+                f"outputs cannot be split into {leaf.output_group!r}'s neurons; give the size, or pass "
+                f"points={{group: modules}} for it"
+            )
+        blocks *= math.prod(d for d in dims if isinstance(d, int) and not isinstance(d, bool))
+    return max(axes, 1), blocks
 
 
 def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -> Points:
@@ -102,7 +111,8 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
     output is the model's. A member group of :class:`jfusion.Heads` is written by head-split
     projections whose outputs end in ``(H, hd)`` (stock attention's query, key and value):
     those two axes are flattened head-major, the member group's layout, so q and k both
-    give samples of the ``qk`` member. Points given as a dict read the last axis only.
+    give samples of the ``qk`` member; a fused projection's blocks (``(3, H, hd)``: q, k, v)
+    are samples of its member. Points given as a dict read the last axis only.
     """
     if points is None:
         return ()
@@ -112,22 +122,22 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
             writers = points.writers(group)
             inner = [leaf for leaf in writers if module_path(leaf.path)] or list(writers)
             modules = tuple(dict.fromkeys(module_path(leaf.path) for leaf in inner))
-            axes = {_feature_axes(leaf) for leaf in inner}
-            if len(axes) > 1:
+            layouts = {_feature_layout(leaf) for leaf in inner}
+            if len(layouts) > 1:
                 raise SpecError(
-                    f"group {group!r}: its writers {[leaf.path for leaf in inner]} carry it on different "
-                    f"numbers of trailing axes ({sorted(axes)}), so their outputs cannot be stacked as "
-                    f"samples; pass points={{group: modules}} for it"
+                    f"group {group!r}: its writers {[leaf.path for leaf in inner]} hold it in different "
+                    f"layouts ((trailing axes, blocks): {sorted(layouts)}), so their outputs cannot be "
+                    f"stacked as samples; pass points={{group: modules}} for it"
                 )
-            out.append((group, modules, axes.pop()))
+            out.append((group, modules, *layouts.pop()))
         return tuple(out)
-    return tuple((group, (paths,) if isinstance(paths, str) else tuple(paths), 1) for group, paths in points.items())
+    return tuple((group, (paths,) if isinstance(paths, str) else tuple(paths), 1, 1) for group, paths in points.items())
 
 
-def _stacked_samples(values: Sequence[jax.Array], feature_axes: int = 1) -> jax.Array:
-    # Several values of one group (a residual stream's writers, a layer called twice) are
-    # more samples of the same neurons.
-    return jnp.concatenate([v.reshape(-1, math.prod(v.shape[v.ndim - feature_axes :])) for v in values], axis=0)
+def _stacked_samples(values: Sequence[jax.Array], feature_axes: int = 1, blocks: int = 1) -> jax.Array:
+    # Several values of one group (a residual stream's writers, a layer called twice, the
+    # blocks of a fused projection) are more samples of the same neurons.
+    return jnp.concatenate([v.reshape(-1, math.prod(v.shape[v.ndim - feature_axes :]) // blocks) for v in values], axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +151,8 @@ class ModuleActivations:
     (``{"h0": "Dense_0", "s1": ("layer1/block0/bn2", "layer1/block1/bn2")}``) whose outputs
     are captured with linen's ``capture_intermediates``, for models that sow nothing
     (:func:`activation_points` writes them, with the number of trailing feature axes that
-    each output flattens into the group: 2 for attention's head-split projections).
+    each output flattens into the group, 2 for attention's head-split projections, and the
+    blocks of neurons they hold, 3 for a fused q/k/v projection).
 
     Hashable (a frozen dataclass of the module and tuples), so jit caches its programs.
     """
@@ -158,8 +169,8 @@ class ModuleActivations:
                 variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
             )
             return {
-                group: _stacked_samples([v for path in paths for v in _captured(state["intermediates"], group, path)], axes)
-                for group, paths, axes in self.points
+                group: _stacked_samples([v for path in paths for v in _captured(state["intermediates"], group, path)], axes, blocks)
+                for group, paths, axes, blocks in self.points
             }
         _, state = self.module.apply(variables, inputs, mutable=[self.collection], **kwargs)
         sown: dict[str, list[jax.Array]] = {}
@@ -200,9 +211,10 @@ class NnxActivations:
     out of the states you fuse (``nnx.split(model, nnx.Param, nnx.BatchStat)`` or fuse states
     of modules that were never called outside ``nnx.capture``).
 
-    With ``points``, ``((group, (module_path, ...), feature_axes), ...)``
+    With ``points``, ``((group, (module_path, ...), feature_axes, blocks), ...)``
     (:func:`activation_points`): the outputs of those submodules (``"layer1/conv"``; ``""``
-    is the root), their last ``feature_axes`` axes flattened into the group's neurons,
+    is the root), their last ``feature_axes`` axes flattened into ``blocks`` samples of the
+    group's neurons,
     captured with ``nnx.capture``'s ``method_outputs``, which sows every module's
     ``__call__`` output for the call.
 
@@ -231,14 +243,14 @@ class NnxActivations:
             if len(parts) >= 2 and parts[-2] == "__call__":
                 calls.setdefault("/".join(parts[:-2]), []).append(value)
         activations = {}
-        for group, paths, axes in self.points:
+        for group, paths, axes, blocks in self.points:
             missing = [p for p in paths if p not in calls]
             if missing:
                 raise SpecError(
                     f"group {group!r}: module(s) {missing} returned no single array during the call "
                     f"(they did not run, or return a tuple); modules that did: {sorted(calls)}"
                 )
-            activations[group] = _stacked_samples([v for p in paths for v in calls[p]], axes)
+            activations[group] = _stacked_samples([v for p in paths for v in calls[p]], axes, blocks)
         return activations
 
 
@@ -271,9 +283,9 @@ class ByActivations:
       >>> bool(jnp.allclose(fused["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"], atol=1e-6))
       True
       >>> jfusion.ByActivations.from_module(model, points={"h0": "Dense_0"}).fn.points
-      (('h0', ('Dense_0',), 1),)
+      (('h0', ('Dense_0',), 1, 1),)
       >>> jfusion.ByActivations.from_module(model, points=spec).fn.points  # each group's writers
-      (('h0', ('Dense_0',), 1),)
+      (('h0', ('Dense_0',), 1, 1),)
 
     References:
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020
