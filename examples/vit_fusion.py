@@ -5,7 +5,7 @@ Transformer fusion's setting (Imfeld et al., ICLR 2024) on a small scale: ViTs
 attention, a mean-token classifier) trained from different seeds, fused in disjoint pairs.
 Each attention layer is a structured group (``jfusion.Heads``) and the residual stream one
 group ``r`` (``vit_spec``). The rows compare the parents, their logit ensemble, vanilla
-averaging and OT fusion by weights and by activations (``model.activations()`` on
+averaging and OT fusion by weights and by activations (``ByActivations.from_module(model, points=spec)`` on
 ``activation_images`` training images), each with the head order solved (``heads="matched"``,
 jfusion's default) and with head ``h`` matched to head ``h`` (``heads="in_order"``, what
 Transformer fusion does), plus two options: one plan over all of a layer's ``H * hd`` dims
@@ -87,7 +87,7 @@ BARRIERS = FINETUNED[:-1] + ("OT, activations, heads flat",)
 def methods(cfg: Config, model: ViT) -> dict[str, Fusion]:
     """name -> ``fusion(pair, inputs, model_weights) -> variables`` (None: uniform weights)."""
     spec = model.spec()
-    activations = jfusion.ByActivations(model.activations())
+    activations = jfusion.ByActivations.from_module(model, points=spec)
     out: dict[str, Fusion] = {"vanilla average": lambda pair, inputs, w: jfusion.vanilla_average(pair, model_weights=w).params}
     options = {
         "OT, weights, heads matched": dict(),

@@ -52,14 +52,16 @@ def duplicate_neurons(params, spec, key):
 
 
 def partition(spec):
-    """The spec up to group names: each leaf's view layout, and the groups as sets of dims."""
+    """The spec up to group names: each leaf's view layout, the groups as sets of dims, and
+    the structured groups (``Heads``) as sets of their members' dim sets."""
     layouts = {leaf.path: tuple(d if isinstance(d, int) else None for d in leaf.dims) for leaf in spec.leaves}
     groups = {}
     for leaf in spec.leaves:
         for dim, group in enumerate(leaf.dim_groups):
             if group is not None:
                 groups.setdefault(group, set()).add((leaf.path, dim))
-    return layouts, {frozenset(dims) for dims in groups.values()}
+    heads = {frozenset(frozenset(groups[g]) for g in members) for _, members in spec.heads}
+    return layouts, {frozenset(dims) for dims in groups.values()}, heads
 
 
 def assert_same_groups(traced, hand):

@@ -15,7 +15,8 @@ MODULES = [
     "jfusion.core.support",  # ByWeights, ByActivations
     "jfusion.core.matching",  # WeightMatching
     "jfusion.check",  # check_spec, permute
-    "jfusion.models.vit",  # vit_spec
+    "jfusion.models.vit",  # vit_spec, NnxViT
+    "jfusion.models.text",  # text_encoder_spec
     "jfusion.trace",  # trace_spec
     "jfusion.methods.fuse",
     "jfusion.methods.partial",

@@ -3,15 +3,22 @@
 import functools
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
 
+from flax import nnx
+
+from planted import assert_same_groups
+
 import jfusion
 from jfusion.core.plans import head_plans
-from jfusion.models.vit import ViT, vit_spec
+from jfusion.core.tree import flatten, unflatten
+from jfusion.models.text import NnxTextEncoder, TextEncoder
+from jfusion.models.vit import NnxViT, ViT, vit_spec
 
 SEED = 1  # a draw that swaps the two heads and moves dims inside every head
 
@@ -61,11 +68,111 @@ def test_planted_permutations_are_recovered_by_activations(vit):
     model, apply, params, x = vit
     spec = model.spec()
     shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
-    alignment = jfusion.ByActivations(model.activations())
+    alignment = jfusion.ByActivations.from_module(model, points=spec)  # q and k per head: samples of b0.qk
     fused = jfusion.fuse([params, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
     for group, perm in perms.items():
         np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
     np.testing.assert_allclose(apply(fused.params, x), apply(params, x), atol=1e-5)
+
+
+def assert_recovered(fused, perms, reference, shuffled, apply, x):
+    """The planted permutations keep the function (the spec is right), and every one (heads and
+    flat members) is the fused plan: the reference's weights and function again."""
+    np.testing.assert_allclose(apply(shuffled, x), apply(reference, x), atol=1e-5)
+    for group, perm in perms.items():
+        np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)
+    np.testing.assert_allclose(apply(fused.params, x), apply(reference, x), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), fused.params, reference)
+
+
+def random_state(module, seed):
+    """The module's nnx state with every leaf random, so that no leaf's permutation goes unseen."""
+    leaves, treedef = flatten(nnx.state(module))
+    rng = np.random.default_rng(seed)
+    return unflatten(treedef, {p: jnp.asarray(rng.normal(size=x.shape) * 0.5, jnp.float32) for p, x in leaves.items()})
+
+
+def test_nnx_vit_planted_permutations_are_recovered_by_weights_and_by_activations():
+    model = NnxViT(image_size=14, patch=7, dim=8, heads=2, blocks=1, mlp=16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 14, 14))
+    graphdef, state = nnx.split(model)
+    state = random_state(model, 0)
+    apply = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    spec = model.spec()
+    assert spec.units == vit_spec(1).units and spec.heads == vit_spec(1).heads
+    shuffled, perms = jfusion.permute(state, spec, jax.random.key(SEED))
+    assert perms["b0"].tolist() == [1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        assert_recovered(jfusion.fuse([state, shuffled], spec, solver="exact"), perms, state, shuffled, apply, x)
+    alignment = jfusion.ByActivations.from_module(model, points=spec)  # q, k, v per head: (B, N, H, hd) flattened
+    assert {g: layout for g, _, *layout in alignment.fn.points} == {"r": [1, 1], "b0.qk": [2, 1], "b0.vo": [2, 1], "b0.mlp": [1, 1]}
+    fused = jfusion.fuse([state, shuffled], spec, solver="exact", alignment=alignment, inputs=x)
+    assert_recovered(fused, perms, state, shuffled, apply, x)
+
+
+def test_text_encoder_planted_permutations_are_recovered_through_the_token_embedding():
+    model = TextEncoder(vocab=11, length=6, dim=8, heads=2, blocks=1, mlp=16)
+    tokens = jax.random.randint(jax.random.key(0), (4, 5), 0, 11)  # shorter than length: the first rows
+    params = jax.jit(model.init)(jax.random.key(1), tokens)
+    spec = model.spec()
+    assert spec["params/embed/embedding"].axes == (None, "r") and spec.units == ("r", "b0", "b0.mlp")
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    assert perms["b0"].tolist() == [1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        fused = jfusion.fuse([params, shuffled], spec, solver="exact")
+    assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), tokens)
+    # The nnx encoder shares the blocks: its state's leaves are the nnx spec's, with the same widths.
+    nnx_model = NnxTextEncoder(vocab=11, length=6, dim=8, heads=2, blocks=1, mlp=16, rngs=nnx.Rngs(0))
+    shapes = {p: x.shape for p, x in flatten(nnx.state(nnx_model))[0].items()}
+    assert nnx_model.spec().validate(shapes) == spec.validate({p: x.shape for p, x in flatten(params)[0].items()})
+
+
+class FusedAttention(nn.Module):
+    """Self-attention with one Dense projection ``qkv`` to q, k and v (``(d, 3 H hd)``) and a Dense ``out``."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, d = x.shape
+        q, k, v = jnp.moveaxis(nn.Dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.heads, -1), 2, 0)
+        return nn.Dense(d, name="out")(nn.dot_product_attention(q, k, v).reshape(b, n, d))
+
+
+class FusedQKV(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(x.shape[-1], name="embed")(x)
+        return nn.Dense(3, name="head")(x + FusedAttention(2, name="attn")(x)).mean(axis=1)
+
+
+def test_fused_qkv_planted_permutations_are_recovered():
+    model, x = FusedQKV(), jax.random.normal(jax.random.key(0), (4, 5, 8))
+    params = jax.jit(model.init)(jax.random.key(1), x)
+    spec = jfusion.Spec({
+        **jfusion.layers.dense("embed", None, "r"),
+        **jfusion.layers.fused_attention("attn", "r", "b0", 2),
+        **jfusion.layers.dense("head", "r", None),
+    })
+    assert spec.heads == (("b0", ("b0.qkv",)),)
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
+    assert perms["b0"].tolist() == [1, 0] and (np.asarray(perms["b0.qkv"]).reshape(2, 4) % 4 != np.arange(4)).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
+        fused = jfusion.fuse([params, shuffled], spec, solver="exact")
+    assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), x)
+    # By activations, the fused projection's q, k and v blocks are three samples of the member.
+    acts = jfusion.ByActivations.from_module(model, points=spec).fn(params, x)
+    qkv = x @ params["params"]["embed"]["kernel"] + params["params"]["embed"]["bias"]
+    qkv = qkv @ params["params"]["attn"]["qkv"]["kernel"] + params["params"]["attn"]["qkv"]["bias"]
+    np.testing.assert_allclose(acts["b0.qkv"], qkv.reshape(-1, 8), rtol=1e-5, atol=1e-6)
+    assert acts["b0.qkv"].shape == (3 * 4 * 5, 8)
+    # trace_spec finds the same layout: the heads inside the fused axis, one member for q, k and v.
+    traced = jfusion.trace_spec(model.apply, params, x, check=False)
+    assert_same_groups(traced, spec)
+    assert traced["params/attn/qkv/kernel"].axes == ("attn/out", (3, jfusion.Heads("attn/qkv", 2), "attn/qkv.1"))
 
 
 def test_a_permutation_that_splits_a_head_is_caught(vit):
@@ -121,6 +228,10 @@ def test_heads_labels_are_validated():
     view = jfusion.Spec({"e": (None, "r"), "q": ("r", (jfusion.Heads("b", 2), "b.qk")), "k": ("r", (jfusion.Heads("b"), "b.qk")), "o": ("r", None)})
     assert view.validate({"e": (3, 8), "q": (8, 8), "k": (8, 8), "o": (8, 2)}) == {"r": 8, "b": 2, "b.qk": 8}
     assert view["q"].view_shape((8, 8), {"r": 8, "b": 2, "b.qk": 8}) == (8, 8)
+    # Blocks of one axis with labels of their own (a concatenation) are no view: a clear error.
+    blocks = ((jfusion.Heads("b", 2), "b.qk"), (jfusion.Heads("b", 2), "b.qk"), (jfusion.Heads("b", 2), "b.vo"))
+    with pytest.raises(jfusion.SpecError, match=r"qkv/kernel: axis 1 view .* nests a tuple .*fused_attention"):
+        jfusion.Spec({"e": (None, "r"), "qkv/kernel": ("r", blocks), "o": ((jfusion.Heads("b", 2), "b.vo"), "r")})
     # A spec without heads: units are its groups, nothing else changes.
     plain = jfusion.models.mlp_spec(3)
     assert plain.units == plain.groups and plain.heads == ()
@@ -172,7 +283,7 @@ def test_flat_head_plans_find_a_permuted_copy_and_report_the_mass_moved_between_
     model, apply, params, x = vit
     spec = model.spec()
     shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
-    alignment = jfusion.ByActivations(model.activations())
+    alignment = jfusion.ByActivations.from_module(model, points=spec)
     fused = jfusion.fuse([params, shuffled], spec, heads="flat", alignment=alignment, inputs=x)
     for group, perm in perms.items():  # b0: the mass of each head's dims, here whole heads swapped
         np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[1]), np.asarray(perm), err_msg=group)

@@ -47,7 +47,7 @@ def test_the_builders_reproduce_the_hand_written_reference_specs(call):
 
 def test_public_namespace():
     assert "layers" in jfusion.__all__
-    assert set(layers.__all__) == {"attention", "batch_norm", "bias", "conv", "dense", "embed", "layer_norm"}
+    assert set(layers.__all__) == {"attention", "batch_norm", "bias", "conv", "dense", "embed", "fused_attention", "layer_norm"}
 
 
 def test_linen_and_nnx_paths():
@@ -68,6 +68,12 @@ def test_linen_and_nnx_paths():
     assert layers.layer_norm("ln", "h", bias=False, nnx=True) == {"ln/scale": ("h",)}
     assert layers.embed("tokens", "e", nnx=True) == {"tokens/embedding": (None, "e")}
     assert layers.bias("Recurrent_0/hi", "r0") == {"params/Recurrent_0/hi/bias": ("r0",)}
+    assert layers.fused_attention("attn", "r", "b", 2, bias=False, nnx=True, qkv="in_proj") == {
+        "attn/in_proj/kernel": ("r", (3, jfusion.Heads("b", 2), "b.qkv")),
+        "attn/out/kernel": ((jfusion.Heads("b", 2), "b.qkv"), "r"),
+    }
+    with pytest.raises(jfusion.SpecError, match="count is the number of heads"):
+        layers.fused_attention("attn", "r", "b", 0)
 
 
 @pytest.mark.parametrize("name", ["", "/Dense_0", "Dense_0/", None])

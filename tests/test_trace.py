@@ -21,7 +21,10 @@ from jfusion.models import (
     VGG,
     VGG11,
     RecurrentClassifier,
+    NnxViT,
     ResNet,
+    TextEncoder,
+    ViT,
     mlp_spec,
     rnn_spec,
 )
@@ -46,6 +49,9 @@ REFERENCE = {
     "resnet18": (ResNet((2, 2, 2, 2), (4, 8, 8, 8)), IMAGE),
     "resnet20": (ResNet((3, 3, 3), (4, 8, 8)), IMAGE),
     **{f"rnn_{cell}": (RecurrentClassifier((5,), 3, cell), SEQUENCE) for cell in ("simple", "lstm", "gru")},
+    # Stock attention: the heads, q/k's and v/o's dims inside them (Heads), as vit_spec has them.
+    "vit": (ViT(patch=4, dim=8, heads=2, blocks=2, mlp=6), jnp.ones((1, 8, 8))),
+    "text": (TextEncoder(vocab=7, length=5, dim=8, heads=2, blocks=1, mlp=6), jnp.ones((2, 4), jnp.int32)),
 }
 
 
@@ -254,6 +260,35 @@ def test_nnx_module_traces_to_paths_of_its_state():
     assert_same_groups(traced, jfusion.Spec(hand))
     assert traced.groups == ("first", "second")
     assert set(traced.paths) == set(flatten(nnx.split(module)[1])[0])
+
+
+def test_traced_heads_of_an_nnx_vit_are_named_after_the_attention():
+    model = NnxViT(image_size=8, patch=4, dim=8, heads=2, blocks=1, mlp=6, rngs=nnx.Rngs(0))
+    traced = jfusion.trace_spec(model, jnp.ones((2, 8, 8)), check=False)  # the hand spec: test_heads
+    assert_same_groups(traced, model.spec())
+    assert traced.heads == (("blocks/0/attn", ("blocks/0/attn/key+query", "blocks/0/attn/value")),)
+    assert traced["blocks/0/attn/query/kernel"].axes == ("blocks/0/attn/out", jfusion.Heads("blocks/0/attn"), "blocks/0/attn/key+query")
+    assert traced.units == ("blocks/0/attn/out", "blocks/0/attn", "blocks/0/fc1")  # the stream first, as vit_spec
+
+
+class NnxQKNormAttention(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(4, 8, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, 8, decode=False, normalize_qk=True, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        return self.head((x + self.attn(x)).mean(axis=1))
+
+
+def test_heads_with_a_shared_qk_norm_scale_stay_in_place():
+    # The (hd,) LayerNorm scales are shared by every head: no per-head permutation of q/k's
+    # dims keeps them, so no Heads is inferred, and the values' dims move alike in all heads.
+    traced = jfusion.trace_spec(NnxQKNormAttention(nnx.Rngs(0)), jnp.ones((2, 5, 4)), check=False)
+    assert traced.heads == ()
+    assert traced["attn/query/kernel"].axes == ("attn/out", None, None)
+    assert traced["attn/value/kernel"].axes == ("attn/out", None, "attn/value")
 
 
 class NnxConvBN(nnx.Module):

@@ -14,8 +14,20 @@ names them; merge them into the dict a :class:`jfusion.Spec` is built from::
 
 Paths are linen's (``"params/Conv_0/kernel"``, ``"batch_stats/BatchNorm_0/mean"``) by
 default and an ``nnx.State``'s (``"conv/kernel"``, ``"norm/mean"``) with ``nnx=True``.
+
+Attention is a structured group (:class:`jfusion.Heads`): :func:`attention` labels stock
+``nn.MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` (separate ``(d, H, hd)``
+query, key and value kernels; members ``qk`` and ``vo``), :func:`fused_attention` one fused
+q/k/v Dense kernel ``(d, 3 H hd)`` and a Dense output (one member ``qkv``)::
+
+    spec = jfusion.Spec({
+        **layers.embed("embed", "r"),                    # token table (vocab, d): writes the stream
+        **layers.layer_norm("block0/ln1", "r"),
+        **layers.attention("block0/attn", "r", "b0"),    # Heads("b0"): b0.qk, b0.vo
+        **layers.dense("head", "r", None),
+    })
 """
 
-from jfusion.core.spec import attention, batch_norm, bias, conv, dense, embed, layer_norm
+from jfusion.core.spec import attention, batch_norm, bias, conv, dense, embed, fused_attention, layer_norm
 
-__all__ = ["attention", "batch_norm", "bias", "conv", "dense", "embed", "layer_norm"]
+__all__ = ["attention", "batch_norm", "bias", "conv", "dense", "embed", "fused_attention", "layer_norm"]

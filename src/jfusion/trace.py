@@ -20,6 +20,14 @@ become the *views* of the Spec, e.g. ``((49, "Conv_1"), "Dense_0")``. The same m
 labels grouped convolutions and equal blocks (concatenated or split gates): a block axis
 ``k x m`` has its block index pinned and its ``m`` tied to each block.
 
+Attention heads are recognised from where the classes sit on the leaves: the heads axis of
+stock attention is a batch dim of ``q . k`` and of ``p . v`` and is contracted with the dims
+inside each head by the output projection, so no leaf carries it last, and on every leaf it
+comes right before a class of within-head dims (q/k's, v/o's) that nothing else precedes.
+Such a class becomes :class:`jfusion.Heads`, its followers its members (``q . k`` contracts
+q/k's dims with each other, so that member needs no reader), which lets every head permute
+its own dims -- more than the union-find's one permutation per class can say.
+
 A primitive without a rule stops the trace with a :class:`TraceError` naming it, the leaves
 its operands come from and the source line; ``unknown="tie"`` pins every axis it touches
 instead, which can only leave groups out, never permute too much. The traced spec is then
@@ -39,7 +47,7 @@ from flax import nnx
 
 from jfusion.check import check_spec
 from jfusion.core.errors import SpecError
-from jfusion.core.spec import LeafSpec, Spec
+from jfusion.core.spec import Heads, LeafSpec, Spec
 from jfusion.core.tree import PyTree, flatten, module_path
 
 Node = Hashable
@@ -655,20 +663,57 @@ def _atoms(t: _Tracer) -> tuple[Callable[[Node], list[tuple[Node, int]]], set[No
     return atoms, pinned, uf
 
 
-def _group_name(writers: Sequence[str], taken: set[str]) -> str:
-    """The common module of the group's kernels (its incoming weights), else the first one's."""
-    modules = [module_path(p) or p for p in writers]
+def _group_name(writers: Sequence[str], taken: set[str], tails: bool = False) -> str:
+    """The common module of the group's kernels (its incoming weights), else the first one's.
+
+    With ``tails``, the modules' own names below it are joined by ``+``
+    (``"block0/attn/query+key"``): a member of heads, whose common module names the heads.
+    """
+    modules = list(dict.fromkeys(module_path(p) or p for p in writers))
     common = []
     for parts in zip(*(m.split("/") for m in modules)):
         if len(set(parts)) > 1:
             break
         common.append(parts[0])
     name = "/".join(common) or modules[0]
+    if tails and len(modules) > 1 and common:
+        name += "/" + "+".join(m[len(name) + 1 :] for m in modules)
     unique, n = name, 1
     while unique in taken:
         unique, n = f"{name}.{n}", n + 1
     taken.add(unique)
     return unique
+
+
+def _heads(labelled: Mapping[str, list], writers: Mapping[Node, list[str]]) -> dict[Node, list[Node]]:
+    """Structured groups: ``{heads class: member classes}``, recognised from where classes sit.
+
+    Attention computes ``q_h . k_h`` and ``p_h v_h`` per head: the heads axis is a batch
+    dim of both contractions and the output projection contracts it with the dims inside
+    each head, so no leaf carries it last (it has no writer) and on every leaf it sits right
+    before a class of dims inside the head (the member: q/k's, whose leaves have no reader as
+    the two are contracted together, and v/o's). Each head may then permute its own dims,
+    which the union-find alone, one permutation per class, cannot say. A class is taken as
+    heads when it has no writer, is followed everywhere by a class, and each of those
+    classes has writers and is preceded everywhere by it; the traced spec is checked.
+    """
+    before: dict[Node, set] = {}  # class -> what precedes it on every leaf dim (None: nothing)
+    after: dict[Node, set] = {}
+    for per_axis in labelled.values():
+        flat = [g for dims in per_axis for g, _ in dims]
+        for i, g in enumerate(flat):
+            if g is None:
+                continue
+            before.setdefault(g, set()).add(flat[i - 1] if i else None)
+            after.setdefault(g, set()).add(flat[i + 1] if i + 1 < len(flat) else None)
+    heads: dict[Node, list[Node]] = {}
+    for h, following in after.items():
+        if h in writers or None in following:
+            continue
+        members = sorted(following, key=str)
+        if h not in following and all(m in writers and before[m] == {h} for m in members):
+            heads[h] = members
+    return heads
 
 
 def _build_spec(t: _Tracer, leaf_axes: Mapping[str, Axes], shapes: Mapping[str, tuple[int, ...]]) -> Spec:
@@ -686,23 +731,32 @@ def _build_spec(t: _Tracer, leaf_axes: Mapping[str, Axes], shapes: Mapping[str, 
         if last is not None:
             writers.setdefault(last, []).append(path)
         readers.update(g for g in (flat[:-1] if last is not None else flat) if g is not None)
+    heads = _heads(labelled, writers)
+    members = {m for ms in heads.values() for m in ms}
     # A class without incoming weights or without a reader cannot be aligned (or is not
-    # read at all): leaving it unpermuted is always safe.
-    groups = [g for g in writers if g in readers]
+    # read at all): leaving it unpermuted is always safe. Members of heads need no reader.
+    groups = [g for g in writers if g in readers or g in members]
     taken: set[str] = set()
-    names = {}
+    names: dict[Node, str] = {}
+
+    def kernels(g: Node) -> list[str]:
+        return [p for p in writers[g] if len(shapes[p]) > 1] or writers[g]
+
+    for h, ms in heads.items():  # the heads first: they take the attention module's name
+        names[h] = _group_name([p for m in ms for p in kernels(m)], taken)
     for g in groups:
-        kernels = [p for p in writers[g] if len(shapes[p]) > 1] or writers[g]
-        names[g] = _group_name(kernels, taken)
+        names[g] = _group_name(kernels(g), taken, tails=g in members)
 
     def entry(dims: list[tuple[Node | None, int]]) -> Any:
         merged: list[Any] = []
         for g, f in dims:  # adjacent ungrouped factors merge into one fixed size
-            if names.get(g) is None and merged and isinstance(merged[-1], int):
+            if g in heads:
+                merged.append(Heads(names[g], f if len(dims) > 1 else None))
+            elif names.get(g) is None and merged and isinstance(merged[-1], int):
                 merged[-1] *= f
             else:
                 merged.append(names.get(g, f))
-        if not any(isinstance(d, str) for d in merged):
+        if not any(isinstance(d, (str, Heads)) for d in merged):
             return None
         return merged[0] if len(merged) == 1 else tuple(merged)
 
@@ -728,6 +782,20 @@ def trace_spec(
     group named after the module of its incoming kernels (``"Dense_0"``,
     ``"stage0_block0/conv1"``); reshaped axes become views (``((49, "Conv_1"), "Dense_0")``).
     See the module docstring for the idea.
+
+    Attention heads: a class that no leaf carries last and that sits, on every leaf, right
+    before a class of within-head dims preceded by nothing else becomes :class:`jfusion.Heads`
+    (named after the attention module, ``"block0/attn"``), its followers its members (named
+    after their projections, ``"block0/attn/key+query"``, ``"block0/attn/value"``). Stock
+    ``MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` give :func:`jfusion.models.vit_spec`'s
+    layout up to names; a fused q/k/v Dense reshaped to ``(3, H, hd)`` gives
+    :func:`jfusion.layers.fused_attention`'s (one member for q, k and v: the traced
+    ``q . k`` ties the three blocks' dims through the reshape). Not inferred, so the heads
+    stay in place (and the value dims are at most one group, permuted alike in every head):
+    heads whose within-head dims also meet a leaf without the heads axis (a per-dim scale
+    shared by all heads, e.g. ``normalize_qk=True``'s LayerNorms), and grouped-query
+    attention (``num_kv_heads < num_heads``: the key/value heads are broadcast over the
+    query heads).
 
     With a linen ``apply``, trace the inference function (``train=False``): outputs are
     pinned, so returning updated batch statistics (``mutable=...``) would pin their channels.

@@ -55,12 +55,20 @@ class Heads:
     projections (contracted together in ``q . k``, so nothing reads it), and ``vo``, shared
     by the value projection and the output projection's input.
 
+    :func:`jfusion.layers.attention` writes stock Flax attention's entries,
+    :func:`jfusion.layers.fused_attention` those of a fused q/k/v projection;
+    :func:`jfusion.trace_spec` infers both, and ``ByActivations.from_module(model,
+    points=spec)`` reads each member's activations per head (the projections' ``(..., H,
+    hd)`` outputs flattened head-major).
+
     Attributes:
       name: the structured group's name (one per attention layer); its members share the
         head permutation.
       count: the number of heads, for a view such as ``("r", (Heads("b0", 4), "b0.qk"))``
         (a Dense kernel with ``H * hd`` outputs) where no other leaf sizes them; None reads
-        it from the leaves.
+        it from the leaves. A fused q/k/v kernel ``(d, 3 H hd)`` is ``("r", (3, Heads("b0",
+        4), "b0.qkv"))`` (:func:`jfusion.layers.fused_attention`): one member for the three
+        blocks, since a view cannot give blocks of one axis different groups.
 
     Examples:
       >>> import jfusion
@@ -103,6 +111,13 @@ def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
         if not dims:
             raise SpecError(f"{path}: axis {axis} has an empty view; give at least one dim")
         for d in dims:
+            if isinstance(d, (tuple, list)):
+                raise SpecError(
+                    f"{path}: axis {axis} view {dims} nests a tuple ({d!r}): a view is one reshape of the "
+                    f"axis, not a concatenation of blocks with labels of their own. A fused q/k/v kernel "
+                    f"is the view (3, Heads(name, H), member), q, k and v sharing the member "
+                    f"(jfusion.layers.fused_attention)"
+                )
             if not (d is None or isinstance(d, (str, Heads)) or (isinstance(d, int) and d > 0)):
                 raise SpecError(
                     f"{path}: axis {axis} view dim {d!r} must be a group name, Heads(name), a positive int or None"
@@ -260,8 +275,8 @@ def _order(
 
     A residual stream feeds the blocks that write back into it, so streams make the "feeds"
     relation cyclic. When no unit has all its inputs solved, the next one is a unit with at
-    least one writer whose inputs are all solved -- the stem or the projection shortcut that
-    opens the stream; its other writers join its support in a second sweep
+    least one writer whose inputs are all solved, a kernel if any unit has one -- the stem or
+    the projection shortcut that opens the stream; its other writers join its support in a second sweep
     (:class:`jfusion.ByWeights`). OTFusion likewise takes a stream's map from its earliest layer.
     """
     member_of = {g: name for name, members in heads.items() for g in members}
@@ -277,8 +292,10 @@ def _order(
         solved = {g for u in order for g in members[u]}
         remaining = [u for u in names if u not in order]
         ready = [u for u in remaining if all(inputs(w, u) <= solved for w in unit_writers[u])]
-        if not ready:
-            ready = [u for u in remaining if any(inputs(w, u) <= solved for w in unit_writers[u])][:1]
+        if not ready:  # a kernel opens the stream, not a bias (which reads nothing)
+            opens = [[w for w in unit_writers[u] if inputs(w, u) <= solved] for u in remaining]
+            ready = [u for u, ws in zip(remaining, opens) if any(len(w.dims) > 1 for w in ws)][:1]
+            ready = ready or [u for u, ws in zip(remaining, opens) if ws][:1]
         if not ready:
             waiting = {
                 u: sorted(set().union(*(inputs(w, u) for w in unit_writers[u])) - solved) for u in remaining
@@ -800,6 +817,68 @@ def attention(
     entries[f"{params}/out/kernel"] = (Heads(heads), f"{heads}.vo", outputs)
     if bias:
         entries[f"{params}/out/bias"] = (outputs,)
+    return entries
+
+
+def fused_attention(
+    name: str,
+    inputs: str | None,
+    heads: str,
+    count: int,
+    outputs: str | None = None,
+    *,
+    qkv: str = "qkv",
+    out: str = "out",
+    bias: bool = True,
+    nnx: bool = False,
+) -> Entries:
+    """Entries of attention with one fused q/k/v projection: Dense kernels ``qkv (d, 3 H hd)`` and ``out (H hd, d)``.
+
+    The fused projection's outputs are the queries, the keys and the values concatenated,
+    each head-major (``(3, H, hd)`` in C order, as ``reshape(..., 3, H, hd)`` splits them),
+    so its kernel is the view ``(inputs, (3, Heads(heads, count), f"{heads}.qkv"))`` and the
+    output projection reads ``((Heads(heads, count), f"{heads}.qkv"), outputs)``. A view is a
+    reshape: the three blocks share one member group, so the queries, keys and values take
+    the same permutation inside each head (the head permutation is the full one). That is a
+    symmetry of attention, a subgroup of the one stock attention's separate kernels give
+    (:func:`attention`: q/k and v/o permuted independently inside each head), and it keeps
+    the function exactly; planted permutations of it are recovered exactly.
+
+    Args:
+      name: the attention module's path.
+      inputs: the group the projections read (the residual stream), or None.
+      heads: the structured group's name; its member is ``f"{heads}.qkv"``.
+      count: the number of heads ``H`` (a view needs it: no leaf has the heads on an axis of
+        their own).
+      outputs: the group the output projection writes; ``inputs`` when None.
+      qkv: the fused projection's module name inside ``name``.
+      out: the output projection's module name inside ``name``.
+      bias: whether the projections have biases.
+      nnx: label an ``nnx.State`` instead of linen variables (see :func:`dense`).
+
+    Returns:
+      ``{path: axes}`` entries for a :class:`jfusion.Spec`.
+
+    Examples:
+      >>> import jfusion
+      >>> for path, axes in jfusion.layers.fused_attention("attn", "r", "b0", 4).items():
+      ...     print(path, axes)
+      params/attn/qkv/kernel ('r', (3, Heads('b0', 4), 'b0.qkv'))
+      params/attn/qkv/bias ((3, Heads('b0', 4), 'b0.qkv'),)
+      params/attn/out/kernel ((Heads('b0', 4), 'b0.qkv'), 'r')
+      params/attn/out/bias ('r',)
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise SpecError(f"{name}: count is the number of heads, an int >= 1, not {count!r}")
+    params, _ = _layer_paths(name, nnx)
+    outputs = inputs if outputs is None else outputs
+    member = (Heads(heads, count), f"{heads}.qkv")
+    entries: Entries = {f"{params}/{qkv}/kernel": (inputs, (3, *member))}
+    if bias:
+        entries[f"{params}/{qkv}/bias"] = ((3, *member),)
+    entries[f"{params}/{out}/kernel"] = (member, outputs)
+    if bias:
+        entries[f"{params}/{out}/bias"] = (outputs,)
     return entries
 
 

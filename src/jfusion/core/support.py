@@ -15,6 +15,7 @@ come from a linen module (:class:`ModuleActivations`) or an nnx one (:class:`Nnx
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
 
 import jax
@@ -25,7 +26,7 @@ from flax import nnx
 from jfusion.core.errors import SpecError
 from jfusion.core.matching import WeightMatching
 from jfusion.core.nnx import fresh, graphdef_of, is_nnx
-from jfusion.core.spec import LeafSpec, Spec
+from jfusion.core.spec import Heads, LeafSpec, Spec
 from jfusion.core.transport import GroupMap, transport_view
 from jfusion.core.tree import flatten, module_path
 
@@ -71,7 +72,32 @@ class ByWeights:
             raise ValueError(f"ByWeights.sweeps must be an int >= 1, got {self.sweeps!r}")
 
 
-Points = tuple[tuple[str, tuple[str, ...]], ...]
+Points = tuple[tuple[str, tuple[str, ...], int, int], ...]  # (group, module paths, feature axes, blocks)
+
+
+def _feature_layout(leaf: LeafSpec) -> tuple[int, int]:
+    """How a writer module's output holds the leaf's output group: ``(axes, blocks)``.
+
+    ``axes``: the trailing axes that carry the group, 2 for a head-split projection ``(d, H,
+    hd)`` or its bias ``(H, hd)`` (the heads axis and the member's, flattened head-major into
+    the member's ``H * hd`` neurons), else 1. ``blocks``: the fixed sizes before the group in
+    those axes' views, blocks of the same neurons -- a fused q/k/v projection's ``(3, H,
+    hd)`` outputs are three samples (q, k and v) of its one member.
+    """
+    heads = leaf.dim_heads[-1] if leaf.dim_heads else None
+    axes, blocks = 0, 1
+    for dims in reversed(leaf.axis_dims):
+        if not any(d == leaf.output_group or (isinstance(d, Heads) and d.name == heads) for d in dims):
+            break
+        axes += 1
+        if None in dims:
+            raise SpecError(
+                f"{leaf.path}: the view {dims} of its output has an inferred (None) size, so its module's "
+                f"outputs cannot be split into {leaf.output_group!r}'s neurons; give the size, or pass "
+                f"points={{group: modules}} for it"
+            )
+        blocks *= math.prod(d for d in dims if isinstance(d, int) and not isinstance(d, bool))
+    return max(axes, 1), blocks
 
 
 def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -> Points:
@@ -80,22 +106,38 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
     A group's writers (the modules of the leaves that carry it last: its kernels, biases and
     norms) output the group on their last axis, so their outputs are the group's
     activations -- the points that fit a spec from :func:`jfusion.trace_spec`, whose groups
-    are named after those modules.
+    are named after those modules. Leaves of the root module (a learned positional
+    embedding added to a stream) are left out when the group has other writers: the root's
+    output is the model's. A member group of :class:`jfusion.Heads` is written by head-split
+    projections whose outputs end in ``(H, hd)`` (stock attention's query, key and value):
+    those two axes are flattened head-major, the member group's layout, so q and k both
+    give samples of the ``qk`` member; a fused projection's blocks (``(3, H, hd)``: q, k, v)
+    are samples of its member. Points given as a dict read the last axis only.
     """
     if points is None:
         return ()
     if isinstance(points, Spec):
-        return tuple(
-            (group, tuple(dict.fromkeys(module_path(leaf.path) for leaf in points.writers(group))))
-            for group in points.groups
-        )
-    return tuple((group, (paths,) if isinstance(paths, str) else tuple(paths)) for group, paths in points.items())
+        out = []
+        for group in points.groups:
+            writers = points.writers(group)
+            inner = [leaf for leaf in writers if module_path(leaf.path)] or list(writers)
+            modules = tuple(dict.fromkeys(module_path(leaf.path) for leaf in inner))
+            layouts = {_feature_layout(leaf) for leaf in inner}
+            if len(layouts) > 1:
+                raise SpecError(
+                    f"group {group!r}: its writers {[leaf.path for leaf in inner]} hold it in different "
+                    f"layouts ((trailing axes, blocks): {sorted(layouts)}), so their outputs cannot be "
+                    f"stacked as samples; pass points={{group: modules}} for it"
+                )
+            out.append((group, modules, *layouts.pop()))
+        return tuple(out)
+    return tuple((group, (paths,) if isinstance(paths, str) else tuple(paths), 1, 1) for group, paths in points.items())
 
 
-def _stacked_samples(values: Sequence[jax.Array]) -> jax.Array:
-    # Several values of one group (a residual stream's writers, a layer called twice) are
-    # more samples of the same neurons.
-    return jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in values], axis=0)
+def _stacked_samples(values: Sequence[jax.Array], feature_axes: int = 1, blocks: int = 1) -> jax.Array:
+    # Several values of one group (a residual stream's writers, a layer called twice, the
+    # blocks of a fused projection) are more samples of the same neurons.
+    return jnp.concatenate([v.reshape(-1, math.prod(v.shape[v.ndim - feature_axes :]) // blocks) for v in values], axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +149,10 @@ class ModuleActivations:
     under one group name in several places (the writers of a residual stream) are stacked
     along the sample axis. ``points`` instead maps groups to module paths
     (``{"h0": "Dense_0", "s1": ("layer1/block0/bn2", "layer1/block1/bn2")}``) whose outputs
-    are captured with linen's ``capture_intermediates``, for models that sow nothing.
+    are captured with linen's ``capture_intermediates``, for models that sow nothing
+    (:func:`activation_points` writes them, with the number of trailing feature axes that
+    each output flattens into the group, 2 for attention's head-split projections, and the
+    blocks of neurons they hold, 3 for a fused q/k/v projection).
 
     Hashable (a frozen dataclass of the module and tuples), so jit caches its programs.
     """
@@ -124,8 +169,8 @@ class ModuleActivations:
                 variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
             )
             return {
-                group: _stacked_samples([v for path in paths for v in _captured(state["intermediates"], group, path)])
-                for group, paths in self.points
+                group: _stacked_samples([v for path in paths for v in _captured(state["intermediates"], group, path)], axes, blocks)
+                for group, paths, axes, blocks in self.points
             }
         _, state = self.module.apply(variables, inputs, mutable=[self.collection], **kwargs)
         sown: dict[str, list[jax.Array]] = {}
@@ -166,9 +211,12 @@ class NnxActivations:
     out of the states you fuse (``nnx.split(model, nnx.Param, nnx.BatchStat)`` or fuse states
     of modules that were never called outside ``nnx.capture``).
 
-    With ``points``, ``((group, (module_path, ...)), ...)``: the outputs of those
-    submodules (``"layer1/conv"``; ``""`` is the root), captured with ``nnx.capture``'s
-    ``method_outputs``, which sows every module's ``__call__`` output for the call.
+    With ``points``, ``((group, (module_path, ...), feature_axes, blocks), ...)``
+    (:func:`activation_points`): the outputs of those submodules (``"layer1/conv"``; ``""``
+    is the root), their last ``feature_axes`` axes flattened into ``blocks`` samples of the
+    group's neurons,
+    captured with ``nnx.capture``'s ``method_outputs``, which sows every module's
+    ``__call__`` output for the call.
 
     ``train`` sets the fresh module's mode (``Module.train()`` / ``eval()``);
     ``call_kwargs`` go to its ``__call__``.
@@ -195,14 +243,14 @@ class NnxActivations:
             if len(parts) >= 2 and parts[-2] == "__call__":
                 calls.setdefault("/".join(parts[:-2]), []).append(value)
         activations = {}
-        for group, paths in self.points:
+        for group, paths, axes, blocks in self.points:
             missing = [p for p in paths if p not in calls]
             if missing:
                 raise SpecError(
                     f"group {group!r}: module(s) {missing} returned no single array during the call "
                     f"(they did not run, or return a tuple); modules that did: {sorted(calls)}"
                 )
-            activations[group] = _stacked_samples([v for p in paths for v in calls[p]])
+            activations[group] = _stacked_samples([v for p in paths for v in calls[p]], axes, blocks)
         return activations
 
 
@@ -235,9 +283,9 @@ class ByActivations:
       >>> bool(jnp.allclose(fused["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"], atol=1e-6))
       True
       >>> jfusion.ByActivations.from_module(model, points={"h0": "Dense_0"}).fn.points
-      (('h0', ('Dense_0',)),)
+      (('h0', ('Dense_0',), 1, 1),)
       >>> jfusion.ByActivations.from_module(model, points=spec).fn.points  # each group's writers
-      (('h0', ('Dense_0',)),)
+      (('h0', ('Dense_0',), 1, 1),)
 
     References:
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020

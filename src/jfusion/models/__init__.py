@@ -14,8 +14,9 @@ from jfusion.models.registry import (
 )
 from jfusion.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, resnet_spec
 from jfusion.models.rnn import RecurrentClassifier, rnn_spec
+from jfusion.models.text import NnxTextEncoder, TextEncoder, text_encoder_spec
 from jfusion.models.vgg import VGG, VGG11, vgg_spec
-from jfusion.models.vit import ViT, vit_spec
+from jfusion.models.vit import NnxViT, ViT, vit_spec
 from jfusion.models.widths import module_for, widths_of
 
 __all__ = [
@@ -24,10 +25,13 @@ __all__ = [
     "MLP",
     "MODELS",
     "ModelConfigError",
+    "NnxTextEncoder",
+    "NnxViT",
     "RecurrentClassifier",
     "ResNet",
     "ResNet18",
     "ResNet20",
+    "TextEncoder",
     "VGG",
     "VGG11",
     "ViT",
@@ -41,6 +45,7 @@ __all__ = [
     "resnet_spec",
     "resolve_model",
     "rnn_spec",
+    "text_encoder_spec",
     "vgg_spec",
     "vit_spec",
     "widths_of",

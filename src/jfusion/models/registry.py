@@ -8,7 +8,7 @@ recorded, defaults included, so a checkpoint keeps meaning the same model if a d
 changes later.
 
 A name is either a reference model's (``mlpnet`` -- OTFusion's MLPNet, 784-400-200-100-10
-on MNIST --, ``mlp``, ``cnn``, ``vgg11``, ``vgg11_bn``, ``resnet18``, ``resnet20``, ``rnn``;
+on MNIST --, ``mlp``, ``cnn``, ``vgg11``, ``vgg11_bn``, ``resnet18``, ``resnet20``, ``rnn``, ``vit``, ``vit_nnx``;
 see :data:`MODELS`) or a reference to your own code, ``"package.module:Factory"``: an
 importable callable (a function, or a module class with defaults for every field) that
 returns a ``flax.linen`` Module, or an ``nnx.Module`` when it takes ``rngs``.
@@ -37,7 +37,7 @@ from jfusion.models.mlp import MLP
 from jfusion.models.resnet import ResNet, ResNet18, ResNet20
 from jfusion.models.rnn import CELL_KINDS, RecurrentClassifier
 from jfusion.models.vgg import VGG, VGG11
-from jfusion.models.vit import ViT
+from jfusion.models.vit import NnxViT, ViT
 
 
 class ModelConfigError(JFusionError):
@@ -90,10 +90,32 @@ def _vit(*, patch: int = 7, dim: int = 32, heads: int = 4, blocks: int = 2, mlp:
     return ViT(patch, dim, heads, blocks, mlp, num_classes)
 
 
+def _vit_nnx(
+    *,
+    image_size: int = 28,
+    channels: int = 1,
+    patch: int = 7,
+    dim: int = 32,
+    heads: int = 4,
+    blocks: int = 2,
+    mlp: int = 64,
+    num_classes: int = 10,
+    rngs: nnx.Rngs,
+) -> NnxViT:
+    if dim % heads:
+        raise ModelConfigError(f"a vit's dim ({dim}) must be divisible by its heads ({heads})")
+    if image_size % patch:
+        raise ModelConfigError(f"a vit's patch ({patch}) must divide its image_size ({image_size})")
+    return NnxViT(
+        image_size=image_size, channels=channels, patch=patch, dim=dim, heads=heads, blocks=blocks,
+        mlp=mlp, num_classes=num_classes, rngs=rngs,
+    )
+
+
 #: The reference models by name, ``{name: builder}``; ``builder(**kwargs)`` returns the
 #: module. Builders take keyword-only arguments, all with defaults (so
 #: :func:`jfusion.models.describe` can record every one); sequences arrive as tuples.
-MODELS: Mapping[str, Callable[..., nn.Module]] = {
+MODELS: Mapping[str, Callable[..., nn.Module | nnx.Module]] = {
     "mlpnet": _mlpnet,  # OTFusion's MLPNet: 400-200-100-num_classes
     "mlp": _mlp,  # the given layer widths, the last being the classes
     "cnn": _cnn,  # conv stack, flatten, dense head; image_size fixes the flatten (and the Spec)
@@ -103,6 +125,7 @@ MODELS: Mapping[str, Callable[..., nn.Module]] = {
     "resnet20": _resnet(ResNet20),
     "rnn": _rnn,  # recurrent layers (Elman, LSTM or GRU) reading images row by row, Dense readout
     "vit": _vit,  # a pre-LN Vision Transformer on square patches, stock Flax attention (Heads groups)
+    "vit_nnx": _vit_nnx,  # the same in flax.nnx (built with rngs; images of image_size x image_size)
 }
 
 
@@ -235,10 +258,10 @@ def build_model(name: str, **kwargs: Any) -> nn.Module | nnx.Module:
     rngs = kwargs.pop("rngs", None)
     full = {k: _module_value(v) for k, v in _full_kwargs(name, kwargs).items()}
     factory = resolve_model(name)
-    if not is_reference(name):
-        return factory(**full)
     if takes_rngs(name):
         full["rngs"] = nnx.Rngs(0) if rngs is None else rngs
+    if not is_reference(name):
+        return factory(**full)
     try:
         module = factory(**full)
     except Exception as err:  # the user's code: say what it raised, in one line

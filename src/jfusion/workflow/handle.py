@@ -150,10 +150,11 @@ class ModelHandle:
         """Activation alignment through this model in inference mode.
 
         Reference models sow their groups' activations under the groups' names, which a
-        registry spec uses; for a traced spec and any other model, each group's activations
-        are the outputs of its writer modules (``points=spec``).
+        registry spec uses; for a traced spec, a spec with attention heads (whose q, k and v
+        are read per head from the projections) and any other model, each group's
+        activations are the outputs of its writer modules (``points=spec``).
         """
-        points = None if self.is_registry_model and not traced else spec
+        points = None if self.is_registry_model and not traced and not spec.heads else spec
         return ByActivations.from_module(self._model, points=points, **self._inference_kwargs(variables))
 
     # --- BatchNorm and evaluation ------------------------------------------------------
