@@ -326,3 +326,51 @@ def test_head_matching_and_identity_groups_are_validated(vit):
         jfusion.BalancedPlans(identity_groups="r")
     with pytest.raises(jfusion.FusionInputError, match=r"identity_groups=\['r'\] with WeightMatching"):
         jfusion.fuse([params, params], spec, identity_groups=("r",), alignment=jfusion.WeightMatching())
+
+
+class HeadCountAttention(nn.Module):
+    """A stream of 8, one stock attention layer of ``heads`` heads of 4 (q/k/v width ``4 heads``)."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="embed")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=4 * self.heads, name="attn")(x, x)
+        return nn.Dense(3, name="head")(x.mean(axis=1))
+
+
+def duplicated_heads(params):
+    """Every head twice (q, k, v copied, the output projection's rows halved): the same function."""
+
+    def double(path, leaf):
+        keys = [p.key for p in path]
+        if "attn" not in keys or keys[-2:] == ["out", "bias"]:
+            return leaf
+        if keys[-2] == "out":
+            return jnp.repeat(leaf, 2, axis=0) / 2
+        return jnp.repeat(leaf, 2, axis=1 if keys[-1] == "kernel" else 0)
+
+    return jax.tree_util.tree_map_with_path(double, params)
+
+
+@pytest.mark.filterwarnings("ignore::jfusion.ResidualStreamWarning")
+@pytest.mark.parametrize("solver", ["exact", jfusion.Sinkhorn(epsilon=1e-3)], ids=["exact", "sinkhorn"])
+def test_heads_of_a_wider_model_fuse_into_fewer_heads(solver):
+    spec = jfusion.Spec({**jfusion.layers.dense("embed", None, "r"), **jfusion.layers.attention("attn", "r", "b0"),
+                         **jfusion.layers.dense("head", "r", None)})
+    x = jax.random.normal(jax.random.key(0), (4, 5, 6))
+    small, big = HeadCountAttention(2), HeadCountAttention(4)
+    params = small.init(jax.random.key(1), x)
+    doubled, perms = jfusion.permute(duplicated_heads(params), spec, jax.random.key(SEED))
+    assert np.asarray(perms["b0"]).tolist() != [0, 1, 2, 3]
+    np.testing.assert_allclose(big.apply(doubled, x), small.apply(params, x), atol=1e-5)
+    # Into the 2-head target alone, and with it (the unrolled path of models of other widths).
+    for models in ([doubled], [params, doubled]):
+        fused = jfusion.fuse(models, spec, target=params if len(models) == 1 else 0, solver=solver)
+        heads = np.asarray(fused.plans["b0"].plan[-1])
+        assert heads.shape == (4, 2)
+        np.testing.assert_allclose(heads.sum(axis=1), 0.25, atol=1e-4)
+        # Both copies of a head go to the head they copy.
+        np.testing.assert_array_equal(heads.argmax(axis=1), np.asarray(perms["b0"]) // 2)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), fused.params, params)

@@ -260,13 +260,6 @@ def prepare(
                 f"floating-point leaves can be transported; label it with None on every axis "
                 f"(it then keeps the target's value)"
             )
-    for name, _ in spec.heads:
-        for k in range(num):
-            if all_widths[k][name] != reference_widths[name]:
-                raise FusionInputError(
-                    f"model {k}: Heads({name!r}) has {all_widths[k][name]} heads but the target has "
-                    f"{reference_widths[name]}; structured plans need equal head counts"
-                )
     for k in range(num):
         shapes = models.shapes(k)
         for leaf in spec.leaves:

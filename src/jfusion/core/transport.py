@@ -23,7 +23,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jfusion.core.spec import LeafSpec
+from jfusion.core.spec import Heads, LeafSpec
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -78,6 +78,10 @@ def transport_leaf(
     v = x.astype(jnp.float32).reshape(leaf.view_shape(x.shape, widths))
     v = transport_view(v, leaf, maps)
     new_widths = {**widths, **{g: maps[g].to_output.shape[1] for g in leaf.groups if g in maps}}
+    dims = [d for axis in leaf.axis_dims for d in axis]
+    for heads, member in zip(dims, dims[1:]):  # structured plans keep the head size: the head count follows
+        if isinstance(heads, Heads) and member in maps:
+            new_widths[heads.name] = new_widths[member] // (widths[member] // widths[heads.name])
     return v.reshape(leaf.shape_for(x.shape, widths, new_widths))
 
 
