@@ -69,11 +69,11 @@ class Config:
 
 
 def quick() -> Config:
-    """Tiny ViTs, one pair, a few steps, three methods (each fusion program costs seconds of compilation)."""
+    """Tiny ViTs, one pair, a few steps, two methods (each fusion program costs seconds of compilation)."""
     return Config(
         data=kit.quick_dataset(), dim=16, heads=2, blocks=1, mlp=32, seeds=(0, 1), epochs=2, batch_size=64,
         train_subsample=2000, test_subsample=500, activation_images=64, finetune_steps=4, finetune_lr=1e-3, barrier_images=200,
-        methods=("vanilla average", "OT, weights, heads in order", "OT, activations, heads matched"),
+        methods=("vanilla average", "OT, activations, heads matched"),
     )
 
 
@@ -84,12 +84,10 @@ FINETUNED = ("vanilla average", "OT, weights, heads matched", "OT, weights, head
 BARRIERS = FINETUNED[:-1] + ("OT, activations, heads flat",)
 
 
-def methods(cfg: Config, model: ViT) -> dict[str, Fusion]:
-    """name -> ``fusion(pair, inputs, model_weights) -> variables`` (None: uniform weights)."""
-    spec = model.spec()
-    activations = jfusion.ByActivations.from_module(model, points=spec)
-    out: dict[str, Fusion] = {"vanilla average": lambda pair, inputs, w: jfusion.vanilla_average(pair, model_weights=w).params}
-    options = {
+def alignments(model: ViT) -> dict[str, dict[str, Any]]:
+    """name -> the keyword arguments of ``jfusion.fuse`` / ``jfusion.align`` for each OT row."""
+    activations = jfusion.ByActivations.from_module(model, points=model.spec())
+    return {
         "OT, weights, heads matched": dict(),
         "OT, weights, heads in order": dict(heads="in_order"),
         "OT, weights, heads flat": dict(heads="flat"),
@@ -99,7 +97,13 @@ def methods(cfg: Config, model: ViT) -> dict[str, Fusion]:
         "OT, activations, heads flat": dict(alignment=activations, heads="flat"),
         "OT, activations, stream kept (r identity)": dict(alignment=activations, identity_groups=("r",)),
     }
-    for name, kwargs in options.items():
+
+
+def methods(cfg: Config, model: ViT) -> dict[str, Fusion]:
+    """name -> ``fusion(pair, inputs, model_weights) -> variables`` (None: uniform weights)."""
+    spec = model.spec()
+    out: dict[str, Fusion] = {"vanilla average": lambda pair, inputs, w: jfusion.vanilla_average(pair, model_weights=w).params}
+    for name, kwargs in alignments(model).items():
         out[name] = lambda pair, inputs, w, kw=kwargs: jfusion.fuse(pair, spec, inputs=inputs, model_weights=w, **kw).params
     return out if cfg.methods is None else {name: out[name] for name in cfg.methods}
 
@@ -132,6 +136,24 @@ def planted(model: ViT, fusions: dict[str, Fusion], case: kit.Case, apply: Any) 
         shuffled, perms = jfusion.permute(parent, spec, jax.random.key(key))
     pair, x, uniform = [parent, shuffled], case.inputs, jnp.full((2,), 0.5)
     return {name: float(jnp.max(jnp.abs(apply(f(pair, x, uniform), x) - apply(parent, x)))) for name, f in fusions.items()}
+
+
+def diagnostics(cfg: Config, model: ViT, case: kit.Case, images: jax.Array) -> kit.Table:
+    """Per OT row with solved heads and group: how sharp model 2's plan is, how far from the identity, and the
+    plan-weighted correlation of matched neurons against the identity's (``jfusion.plan_diagnostics``)."""
+    spec, body = model.spec(), []
+    activations = jfusion.ByActivations.from_module(model, points=spec)
+    for name, kwargs in alignments(model).items():
+        if (cfg.methods is not None and name not in cfg.methods) or "heads matched" not in name:
+            continue
+        aligned = jfusion.align(case.models, spec, inputs=case.inputs, **kwargs)
+        heads = {name for name, _ in spec.heads}  # a head plan pairs heads, not neurons: its members are scored
+        plans = {g: result for g, result in aligned.plans.items() if g not in heads}
+        report = jfusion.plan_diagnostics(plans, case.models, activations=activations, inputs=images)
+        for group, d in report.items():
+            body.append([name, group, f"{float(d.sharpness[1]):.3f}", f"{float(d.off_identity[1]):.3f}",
+                         f"{float(d.matched_correlation[1]):.3f}", f"{float(d.identity_correlation[1]):.3f}"])
+    return kit.Table(["plans", "group", "sharpness", "mass off identity", "matched corr.", "identity corr."], body)
 
 
 def plot(cfg: Config, rows: dict[str, list[float]], finetuned: dict[str, list[float]], curves: dict[str, list]) -> Any:
@@ -223,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> list:
         curves = barriers(cfg, model, {n: f for n, f in fusions.items() if n in BARRIERS}, cases, data)
         print(f"barriers done at {time.perf_counter() - start:.0f} s", flush=True)
         copy = planted(model, fusions, cases[0], apply)
+        held_out = kit.activation_batch(data, cfg.activation_images, seed=len(cases))  # not any pair's alignment batch
+        diagnosis = diagnostics(cfg, model, cases[0], held_out)
 
     # Fine-tuning: every fused model and the first parent of each pair, one budget, one vmapped run.
     tuned_inputs = [("parent 1 of the pair (control)", c.models[0]) for c in cases]
@@ -242,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> list:
         f"ViT (patch {model.patch}, d={cfg.dim}, {cfg.heads} heads, {cfg.blocks} blocks, MLP {cfg.mlp}; {len(cfg.seeds)} models trained in {train_s:.0f} s), "
         f"test accuracy % on {len(data.yte)} images; fine-tuning: {cfg.finetune_steps} Adam steps, lr {cfg.finetune_lr}": accuracy_table(rows, finetuned, pairs),
         f"Loss barrier on {cfg.barrier_images} test images, 25 lambdas": barrier_table(curves),
+        f"Plan diagnostics, first pair, model 2's plans, {cfg.activation_images} other training images": diagnosis,
         "Planted check: model 1 fused with a permuted copy of itself (every head order moved)": kit.Table(
             ["method", "largest change of model 1's logits on the activation batch"], [[name, f"{v:.2e}"] for name, v in copy.items()]),
     }
@@ -250,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> list:
         "rows": [dataclasses.asdict(r) for r in rows],
         "finetuned": finetuned,
         "planted": copy,
+        "diagnostics": dict(zip(("header", "rows"), (diagnosis.header, diagnosis.rows))),
         "barriers": {name: [{"lambdas": np.asarray(r.lambdas).tolist(), "values": {m: np.asarray(v).tolist() for m, v in r.values.items()},
                              "barriers": {m: float(v) for m, v in r.barriers.items()}} for r in results]
                      for name, results in curves.items()},

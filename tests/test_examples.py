@@ -149,14 +149,15 @@ def test_vit_fusion_quick(tmp_path):
     assert (tmp_path / "vit_fusion.png").is_file() and (tmp_path / "vit_fusion_barrier.png").is_file()
     data = blob["data"]
     by_name = {r["name"]: r["accuracy"] for r in data["rows"]}
-    methods = {"vanilla average", "OT, weights, heads in order", "OT, activations, heads matched"}
+    methods = {"vanilla average", "OT, activations, heads matched"}
     assert methods | {"ensemble (logit average)", "parent 1 of the pair (control)"} <= set(by_name)
     assert set(data["finetuned"]) == methods | {"parent 1 of the pair (control)"}
     assert all(0.0 <= a <= 1.0 for accs in [*by_name.values(), *data["finetuned"].values()] for a in accs)
     assert min(data["parents"]) > 0.2, data["parents"]  # chance is 0.1
-    # A permuted copy (every head order moved) is undone by solved head orders, not by in-order heads.
-    assert data["planted"]["OT, activations, heads matched"] < 1e-4
-    assert data["planted"]["OT, weights, heads in order"] > 1e-2 and data["planted"]["vanilla average"] > 1e-2
+    # A permuted copy (every head order moved) is undone by solved head orders, not by averaging.
+    assert data["planted"]["OT, activations, heads matched"] < 1e-4 and data["planted"]["vanilla average"] > 1e-2
+    diagnosed = {(row[0], row[1]) for row in data["diagnostics"]["rows"]}
+    assert diagnosed == {("OT, activations, heads matched", g) for g in ("r", "b0.qk", "b0.vo", "b0.mlp")}
     curves = {name: runs[0] for name, runs in data["barriers"].items()}
     naive = curves.pop("naive (model 2 as it is)")
     assert len(naive["lambdas"]) == 25 and set(curves) == methods - {"vanilla average"}
