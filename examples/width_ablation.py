@@ -16,7 +16,7 @@ of the learning rate -- and fused, for every width:
   test images) from parent A to parent B aligned onto it, for naive / weight matching /
   activations. For BN nets every point of the segment has its BatchNorm statistics recomputed
   (as Git Re-Basin and REPAIR do; otherwise every midpoint is at chance). REPAIR is applied at the
-  midpoint only (``barrier_repaired_mid``: the repaired midpoint's loss minus the endpoints' mean);
+  midpoint only (``repaired_mid``: the repaired midpoint's loss minus the endpoints' mean);
 - ``jfusion.plan_diagnostics`` of every plan on held-out training images (never the test set);
 - a self-check: parent A against a randomly permuted copy of itself must be matched back exactly.
 
@@ -27,8 +27,8 @@ Fashion-MNIST images are average-pooled 2x2 to 14x14: on 2 shared CPU cores a Re
 on 28x28 images takes ~8x longer than the schedule below allows. Nothing is tuned on the test
 set: the schedules were fixed from the measured step times, before any fusion was run.
 
-    python examples/width_ablation.py --arch resnet --widths 1 2 --cache /tmp/wa   # ~15 min on 2 CPU cores
-    python examples/width_ablation.py --arch resnet --widths 4 --cache /tmp/wa     # ~20 min
+    python examples/width_ablation.py --arch resnet --widths 1 2 --cache /tmp/wa   # ~15 min on 2 shared CPU cores
+    python examples/width_ablation.py --arch resnet --widths 4 --cache /tmp/wa     # ~19 min
     python examples/width_ablation.py --arch vgg --digits --cache /tmp/wa          # ~10 min
     python examples/width_ablation.py --arch resnet vgg --widths 1 2 4 --digits --cache /tmp/wa  # report from the cache
     python examples/width_ablation.py --quick --out /tmp/q                         # smoke test, seconds
@@ -362,6 +362,7 @@ def width_plots(nets: dict[str, Net], results: dict[str, dict[str, Any]]) -> dic
         ax_b.plot(widths, [results[lb]["barriers"][name]["repaired_mid"]["loss"] for lb in labels], marker="x", ls="--",
                   color=color[name], label=name + " (+ REPAIR, midpoint)")
     ax_b.set(xlabel="ResNet20 width multiplier", ylabel="test loss barrier", xscale="log", xticks=widths, xticklabels=widths)
+    ax_b.minorticks_off()
     ax_b.legend(fontsize=7)
     acc = lambda lb, row: next(100 * r.accuracy[0] for r in results[lb]["rows"] if r.name == row)
     ax_a.plot(widths, [np.mean([acc(lb, f"parent seed {s} + BN recal") for s in (0, 1)]) for lb in labels], "k-o", label="mean parent (+ BN recal)")
@@ -370,6 +371,7 @@ def width_plots(nets: dict[str, Net], results: dict[str, dict[str, Any]]) -> dic
         for suffix, style in ((" + BN recal", "-"), (" + REPAIR", "--")):
             ax_a.plot(widths, [acc(lb, name + suffix) for lb in labels], ls=style, marker=".", color=color[name], label=name + suffix)
     ax_a.set(xlabel="ResNet20 width multiplier", ylabel="test accuracy %", xscale="log", xticks=widths, xticklabels=widths)
+    ax_a.minorticks_off()
     ax_a.legend(fontsize=6)
     fig.tight_layout()
     return {"width_ablation.png": fig}
