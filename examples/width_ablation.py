@@ -117,7 +117,8 @@ class Settings:
 
 
 # One schedule for every width (3 passes over 6400 images, 300 steps of 64), fixed from the measured
-# step times: ~0.26 / 0.5 / 1.1 s per step of 64 at widths 1 / 2 / 4 on 14x14 images, 2 shared cores.
+# step times (~0.26 / 0.5 / 1.1 s per step of 64 at widths 1 / 2 / 4 on 14x14 images, 2 busy cores; 0.2 / 0.3 / 1.25 s
+# in the recorded run).
 RESNETS = {w: resnet20(w, 3) for w in (1, 2, 4)}
 # Four convs: without BatchNorm, under flax's default (LeCun normal) init, an 8-conv VGG11 did not leave
 # chance in a first epoch (training loss 2.295 at peak lr 0.02); this one reached 71% training accuracy.
