@@ -165,3 +165,28 @@ def test_vit_fusion_quick(tmp_path):
         for metric in ("loss", "accuracy"):
             np.testing.assert_allclose(curve["values"][metric][0], naive["values"][metric][0], rtol=1e-5, err_msg=name)
             np.testing.assert_allclose(curve["values"][metric][-1], naive["values"][metric][-1], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_width_ablation_quick(tmp_path):
+    import width_ablation
+
+    width_ablation.main(["--quick", "--out", str(tmp_path)])
+    blob = numbers(tmp_path, "width_ablation")
+    assert (tmp_path / "width_ablation_barrier_quick_vgg.png").is_file()
+    (result,) = blob["data"].values()
+    by_name = {r["name"]: r["accuracy"][0] for r in result["rows"]}
+    assert all(0.0 <= a <= 1.0 for a in by_name.values())
+    assert min(by_name["parent seed 0"], by_name["parent seed 1"]) > 0.2, by_name  # chance is 0.1
+    # Planted truth: a randomly permuted copy of parent A is matched back onto A exactly, so
+    # their fusion is A itself.
+    assert result["selfcheck"]["max_abs_diff"] < 1e-6
+    assert result["selfcheck"]["accuracy"] == by_name["parent seed 0"]
+    naive = result["barriers"]["naive (vanilla average)"]
+    assert len(naive["lambdas"]) == 25
+    for name in ("weight matching", "OT fusion, activations"):
+        # Exact plans are permutations: each segment runs from A to B's function, as the naive one.
+        curve = result["barriers"][name]
+        for metric in ("loss", "accuracy"):
+            np.testing.assert_allclose(curve["values"][metric][0], naive["values"][metric][0], rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(curve["values"][metric][-1], naive["values"][metric][-1], rtol=1e-4, atol=1e-5, err_msg=name)
+        assert result["diagnostics"][name]["sharpness"] == 1.0
