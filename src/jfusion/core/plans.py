@@ -127,7 +127,7 @@ def solve_balanced(
 
 
 class HeadPlans(NamedTuple):
-    """The two-level plan of a structured group (:func:`head_plans`).
+    """The two-level plan of a structured group (:func:`jfusion.core.plans.head_plans`).
 
     Attributes:
       heads: the ``(H, H')`` plan between the model's heads and the reference's.
@@ -276,7 +276,7 @@ class BalancedPlans:
         them (:class:`jfusion.Sinkhorn`): :class:`jfusion.Exact` is refused here, before any
         tracing, because under ``jit`` the marginals it would check are traced.
       heads: how structured groups (:class:`jfusion.Heads`) pair their heads
-        (:func:`head_plans`): ``"matched"`` (default: the head order is solved),
+        (:func:`jfusion.core.plans.head_plans`): ``"matched"`` (default: the head order is solved),
         ``"in_order"`` (head ``h`` onto head ``h``, only the dims inside each head solved:
         Transformer fusion, Imfeld et al. 2024), or ``"flat"`` (one plan per member over all
         ``H hd`` dims, ignoring head boundaries: a heuristic whose aligned model need not

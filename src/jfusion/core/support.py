@@ -150,7 +150,7 @@ class ModuleActivations:
     along the sample axis. ``points`` instead maps groups to module paths
     (``{"h0": "Dense_0", "s1": ("layer1/block0/bn2", "layer1/block1/bn2")}``) whose outputs
     are captured with linen's ``capture_intermediates``, for models that sow nothing
-    (:func:`activation_points` writes them, with the number of trailing feature axes that
+    (:func:`jfusion.core.support.activation_points` writes them, with the number of trailing feature axes that
     each output flattens into the group, 2 for attention's head-split projections, and the
     blocks of neurons they hold, 3 for a fused q/k/v projection).
 
@@ -212,7 +212,7 @@ class NnxActivations:
     of modules that were never called outside ``nnx.capture``).
 
     With ``points``, ``((group, (module_path, ...), feature_axes, blocks), ...)``
-    (:func:`activation_points`): the outputs of those submodules (``"layer1/conv"``; ``""``
+    (:func:`jfusion.core.support.activation_points`): the outputs of those submodules (``"layer1/conv"``; ``""``
     is the root), their last ``feature_axes`` axes flattened into ``blocks`` samples of the
     group's neurons,
     captured with ``nnx.capture``'s ``method_outputs``, which sows every module's

@@ -60,7 +60,7 @@ class TextEncoder(nn.Module):
 
 
 class NnxTextEncoder(nnx.Module):
-    """:class:`TextEncoder` in flax.nnx (``nnx.Embed``, :class:`NnxEncoderBlock`); the same arguments, and ``rngs``."""
+    """:class:`TextEncoder` in flax.nnx (``nnx.Embed``, :class:`jfusion.models.transformer.NnxEncoderBlock`); the same arguments, and ``rngs``."""
 
     def __init__(
         self,
@@ -95,7 +95,7 @@ def text_encoder_spec(blocks: int, *, nnx: bool = False) -> Spec:
     """Spec of :class:`TextEncoder` (or, with ``nnx=True``, of :class:`NnxTextEncoder`'s state).
 
     The token embedding table ``(vocab, d)`` and the positional embedding ``(1, L, d)`` write
-    the stream ``r`` on their last axis; the blocks are :func:`encoder_entries`.
+    the stream ``r`` on their last axis; the blocks are :func:`jfusion.models.transformer.encoder_entries`.
 
     Examples:
       >>> from jfusion.models.text import text_encoder_spec

@@ -9,8 +9,9 @@ block ``i``'s attention is the structured group :class:`jfusion.Heads` ``f"b{i}"
 hidden layer the group ``f"b{i}.mlp"``. A final LayerNorm and a Dense classifier read the
 mean token.
 
-The blocks are shared by the Vision Transformers (:mod:`jfusion.models.vit`) and the text
-encoders (:mod:`jfusion.models.text`).
+The blocks are shared by the Vision Transformers (:class:`jfusion.models.ViT`,
+:class:`jfusion.models.NnxViT`) and the text encoders (:class:`jfusion.models.TextEncoder`,
+:class:`jfusion.models.NnxTextEncoder`).
 """
 
 from __future__ import annotations
