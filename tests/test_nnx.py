@@ -158,8 +158,8 @@ def test_recalibration_computes_the_running_statistics_of_the_data(conv_bn):
     module, truth, _, _ = conv_bn
     # Independently for the first layer: the mean over batches of each batch's statistics.
     conv = jax.vmap(lambda x: nnx.merge(nnx.graphdef(module), truth).conv1(x))(X_IMAGES)
-    np.testing.assert_allclose(truth["bn1"]["mean"].value, conv.mean(axis=(1, 2, 3)).mean(0), atol=1e-5)
-    np.testing.assert_allclose(truth["bn1"]["var"].value, conv.var(axis=(1, 2, 3)).mean(0), atol=1e-4)
+    np.testing.assert_allclose(truth["bn1"]["mean"][...], conv.mean(axis=(1, 2, 3)).mean(0), atol=1e-5)
+    np.testing.assert_allclose(truth["bn1"]["var"][...], conv.var(axis=(1, 2, 3)).mean(0), atol=1e-4)
 
 
 def test_recalibration_restores_a_fused_nets_corrupted_statistics(conv_bn):
