@@ -245,6 +245,35 @@ def evaluate_methods(
     return rows
 
 
+NAIVE = "naive (model 2 as it is)"
+
+
+def barrier_curves(
+    apply: Callable[[Any, Any], Any],
+    fusions: Mapping[str, Callable[[Sequence[Any], Any, Any], Any]],
+    cases: Sequence[Case],
+    images: np.ndarray,
+    labels: np.ndarray,
+) -> dict[str, list[jfusion.BarrierResult]]:
+    """Per method, ``jfusion.loss_barrier`` (test loss and accuracy) from model 1 to model 2 aligned onto
+    it -- the method's ``fusion(pair, inputs, model_weights)`` with weights (0, 1) -- for every case;
+    vanilla averaging's curve is the naive one (model 2 as it is). Pass jitted fusions: each is called
+    once per case."""
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+
+    def metrics(variables):
+        logits = apply(variables, images)
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+    curve = jax.jit(lambda a, b: jfusion.loss_barrier(metrics, a, b))
+    onto_first = jnp.array([0.0, 1.0])
+    return {
+        NAIVE if name == "vanilla average" else name: [curve(case.models[0], fusion(case.models, case.inputs, onto_first)) for case in cases]
+        for name, fusion in fusions.items()
+    }
+
+
 # --- numbers out ------------------------------------------------------------------------------
 
 

@@ -34,7 +34,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -100,26 +99,6 @@ def methods(cfg: Config, model: RecurrentClassifier) -> dict[str, Fusion]:
     return out
 
 
-def barriers(cfg: Config, model: RecurrentClassifier, fusions: dict[str, Fusion], cases: Sequence[kit.Case], data: kit.Data):
-    """Per method, the loss and accuracy barriers from model 1 to model 2 aligned onto it, over the pairs."""
-    images = jnp.asarray(data.xte[: cfg.barrier_images])
-    labels = jnp.asarray(data.yte[: cfg.barrier_images])
-
-    def metrics(variables):
-        logits = model.apply(variables, images)
-        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
-                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-
-    curve = jax.jit(lambda a, b: jfusion.loss_barrier(metrics, a, b))
-    onto_first = jnp.array([0.0, 1.0])
-    out = {}
-    for name, fusion in fusions.items():
-        label = "naive (model 2 as it is)" if name == "vanilla average" else name
-        aligned = jax.jit(lambda pair, inputs, f=fusion: f(pair, inputs, onto_first))
-        out[label] = [curve(case.models[0], aligned(case.models, case.inputs)) for case in cases]
-    return out
-
-
 def run_cell(cfg: Config, cell: str, data: kit.Data) -> dict[str, Any]:
     model = RecurrentClassifier((cfg.hidden,), 10, cell)
     start = time.perf_counter()
@@ -137,7 +116,8 @@ def run_cell(cfg: Config, cell: str, data: kit.Data) -> dict[str, Any]:
     rows.append(kit.Row("ensemble (logit average)", [kit.ensemble_accuracy(model.apply, c.models, data.xte, data.yte) for c in cases]))
     fusions = methods(cfg, model)
     rows += kit.evaluate_methods({name: lambda pair, inputs, f=f: f(pair, inputs, None) for name, f in fusions.items()}, cases, score)
-    curves = barriers(cfg, model, fusions, cases, data)
+    curves = kit.barrier_curves(model.apply, {name: jax.jit(f) for name, f in fusions.items()}, cases,
+                                data.xte[: cfg.barrier_images], data.yte[: cfg.barrier_images])
     print(f"[{cell}] {len(cases)} pairs done", flush=True)
     return {"rows": rows, "train_s": train_s, "barriers": curves}
 

@@ -108,25 +108,6 @@ def methods(cfg: Config, model: ViT) -> dict[str, Fusion]:
     return out if cfg.methods is None else {name: out[name] for name in cfg.methods}
 
 
-def barriers(cfg: Config, model: ViT, fusions: dict[str, Fusion], cases: Sequence[kit.Case], data: kit.Data):
-    """Per method, the loss and accuracy barriers from model 1 to model 2 aligned onto it, over the pairs."""
-    images = jnp.asarray(data.xte[: cfg.barrier_images])
-    labels = jnp.asarray(data.yte[: cfg.barrier_images])
-
-    def metrics(variables):
-        logits = model.apply(variables, images)
-        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
-                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-
-    curve = jax.jit(lambda a, b: jfusion.loss_barrier(metrics, a, b))
-    onto_first = jnp.array([0.0, 1.0])
-    out = {}
-    for name, fusion in fusions.items():
-        label = "naive (model 2 as it is)" if name == "vanilla average" else name
-        out[label] = [curve(case.models[0], fusion(case.models, case.inputs, onto_first)) for case in cases]
-    return out
-
-
 def planted(model: ViT, fusions: dict[str, Fusion], case: kit.Case, apply: Any) -> dict[str, float]:
     """Per method, the largest logit change when model 1 is fused (uniform weights) with a permuted copy of itself."""
     parent, spec, key = case.models[0], model.spec(), 0
@@ -242,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> list:
             if name in FINETUNED:
                 fused[name] = outs
         print(f"one-shot rows done at {time.perf_counter() - start:.0f} s", flush=True)
-        curves = barriers(cfg, model, {n: f for n, f in fusions.items() if n in BARRIERS}, cases, data)
+        curves = kit.barrier_curves(model.apply, {n: f for n, f in fusions.items() if n in BARRIERS}, cases,
+                                    data.xte[: cfg.barrier_images], data.yte[: cfg.barrier_images])
         print(f"barriers done at {time.perf_counter() - start:.0f} s", flush=True)
         copy = planted(model, fusions, cases[0], apply)
         held_out = kit.activation_batch(data, cfg.activation_images, seed=len(cases))  # not any pair's alignment batch

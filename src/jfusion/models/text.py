@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jfusion.core.spec import Spec, embed
-from jfusion.models.transformer import EncoderBlock, NnxEncoderBlock, block_path, encoder_entries, position_entry
+from jfusion.models.transformer import NnxEncoderClassifier, encode_and_classify, encoder_entries, position_entry
 
 
 class TextEncoder(nn.Module):
@@ -53,14 +52,11 @@ class TextEncoder(nn.Module):
         x = nn.Embed(self.vocab, self.dim, name="embed")(tokens)
         positions = self.param("pos_embedding", nn.initializers.normal(0.02), (1, self.length, self.dim))
         x = x + positions[:, : x.shape[1]]
-        for i in range(self.blocks):
-            x = EncoderBlock(self.heads, self.mlp, name=block_path(i))(x)
-        x = nn.LayerNorm(name="ln")(x)
-        return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=1))
+        return encode_and_classify(x, heads=self.heads, mlp=self.mlp, blocks=self.blocks, num_classes=self.num_classes)
 
 
-class NnxTextEncoder(nnx.Module):
-    """:class:`TextEncoder` in flax.nnx (``nnx.Embed``, :class:`jfusion.models.transformer.NnxEncoderBlock`); the same arguments, and ``rngs``."""
+class NnxTextEncoder(NnxEncoderClassifier):
+    """:class:`TextEncoder` in flax.nnx (``nnx.Embed``, :class:`jfusion.models.transformer.NnxEncoderClassifier`); the same arguments, and ``rngs``."""
 
     def __init__(
         self,
@@ -76,19 +72,14 @@ class NnxTextEncoder(nnx.Module):
     ):
         self.embed = nnx.Embed(vocab, dim, rngs=rngs)
         self.pos_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, length, dim)))
-        self.blocks = nnx.List([NnxEncoderBlock(dim, heads, mlp, rngs=rngs) for _ in range(blocks)])
-        self.ln = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+        super().__init__(dim, heads, mlp, blocks, num_classes, rngs=rngs)
 
     def spec(self) -> Spec:
         """This model's Spec: :func:`text_encoder_spec` with ``nnx=True``."""
         return text_encoder_spec(len(self.blocks), nnx=True)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens) + self.pos_embedding[:, : tokens.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(jnp.mean(self.ln(x), axis=1))
+        return self.classify(self.embed(tokens) + self.pos_embedding[:, : tokens.shape[1]])
 
 
 def text_encoder_spec(blocks: int, *, nnx: bool = False) -> Spec:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jfusion.core.spec import Entries, attention, dense, layer_norm
@@ -50,6 +51,35 @@ class NnxEncoderBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln1(x))
         return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+
+def encode_and_classify(x: jax.Array, *, heads: int, mlp: int, blocks: int, num_classes: int) -> jax.Array:
+    """The linen models' shared body on the embedded stream ``x (B, N, d)``: ``blocks`` encoder
+    blocks (``block{i}``), the final LayerNorm ``ln`` and the classifier ``head`` on the mean token.
+
+    Called from a linen model's compact ``__call__``, so the layers are that model's submodules.
+    """
+    for i in range(blocks):
+        x = EncoderBlock(heads, mlp, name=block_path(i))(x)
+    x = nn.LayerNorm(name="ln")(x)
+    return nn.Dense(num_classes, name="head")(jnp.mean(x, axis=1))
+
+
+class NnxEncoderClassifier(nnx.Module):
+    """The nnx models' shared body: ``blocks`` (an ``nnx.List`` of :class:`NnxEncoderBlock`), the
+    final LayerNorm ``ln`` and the classifier ``head``; a model embeds its inputs into the stream
+    and calls :meth:`classify`."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, blocks: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([NnxEncoderBlock(dim, heads, mlp, rngs=rngs) for _ in range(blocks)])
+        self.ln = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+    def classify(self, x: jax.Array) -> jax.Array:
+        """The blocks, the final LayerNorm and the classifier on the mean token of ``x (B, N, d)``."""
+        for block in self.blocks:
+            x = block(x)
+        return self.head(jnp.mean(self.ln(x), axis=1))
 
 
 def block_path(i: int, *, nnx: bool = False) -> str:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jfusion.core.spec import Spec, dense
-from jfusion.models.transformer import EncoderBlock, NnxEncoderBlock, block_path, encoder_entries, position_entry
+from jfusion.models.transformer import NnxEncoderClassifier, encode_and_classify, encoder_entries, position_entry
 
 
 def patches(x: jax.Array, patch: int) -> jax.Array:
@@ -65,13 +64,10 @@ class ViT(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Dense(self.dim, name="embed")(patches(x, self.patch))
         x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
-        for i in range(self.blocks):
-            x = EncoderBlock(self.heads, self.mlp, name=block_path(i))(x)
-        x = nn.LayerNorm(name="ln")(x)
-        return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=1))
+        return encode_and_classify(x, heads=self.heads, mlp=self.mlp, blocks=self.blocks, num_classes=self.num_classes)
 
 
-class NnxViT(nnx.Module):
+class NnxViT(NnxEncoderClassifier):
     """:class:`ViT` in flax.nnx, with stock ``nnx.MultiHeadAttention``: the same layers and
     leaf names (blocks are ``blocks/{i}``, an ``nnx.List``), for images of ``image_size``
     squared pixels and ``channels`` channels (nnx layers are built with their input sizes).
@@ -104,19 +100,14 @@ class NnxViT(nnx.Module):
         self.embed = nnx.Linear(patch * patch * channels, dim, rngs=rngs)
         tokens = (image_size // patch) ** 2
         self.pos_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, tokens, dim)))
-        self.blocks = nnx.List([NnxEncoderBlock(dim, heads, mlp, rngs=rngs) for _ in range(blocks)])
-        self.ln = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+        super().__init__(dim, heads, mlp, blocks, num_classes, rngs=rngs)
 
     def spec(self) -> Spec:
         """This model's Spec: :func:`vit_spec` with ``nnx=True``."""
         return vit_spec(len(self.blocks), nnx=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.embed(patches(x, self.patch)) + self.pos_embedding[...]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(jnp.mean(self.ln(x), axis=1))
+        return self.classify(self.embed(patches(x, self.patch)) + self.pos_embedding[...])
 
 
 def vit_spec(blocks: int, *, nnx: bool = False) -> Spec:
