@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -32,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import jfusion  # noqa: E402
 from jfusion.workflow.data import load_dataset  # noqa: E402
+from jfusion.workflow.results import atomic_write  # noqa: E402
 from jfusion.workflow.train import fit_models, init_models  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -245,6 +247,30 @@ def evaluate_methods(
     return rows
 
 
+def cached(path: Path | None, compute: Callable[[], Any]) -> Any:
+    """``compute()`` brought to the host, or what an earlier run saved at ``path`` (None: no cache).
+    Saved atomically, so an interrupted run leaves no half-written cache file."""
+    if path is not None and path.exists():
+        with path.open("rb") as f:
+            return pickle.load(f)
+    value = jax.device_get(compute())
+    if path is not None:
+        atomic_write(path, lambda f: pickle.dump(value, f), overwrite=False)
+    return value
+
+
+def classification_metrics(apply: Callable[[Any, Any], Any], images: Any, labels: Any) -> Callable[[Any], dict[str, jax.Array]]:
+    """``variables -> {"loss": mean cross-entropy, "accuracy"}`` on one batch (what ``jfusion.loss_barrier`` traces)."""
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+
+    def metrics(variables):
+        logits = apply(variables, images)
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+    return metrics
+
+
 NAIVE = "naive (model 2 as it is)"
 
 
@@ -259,13 +285,7 @@ def barrier_curves(
     it -- the method's ``fusion(pair, inputs, model_weights)`` with weights (0, 1) -- for every case;
     vanilla averaging's curve is the naive one (model 2 as it is). Pass jitted fusions: each is called
     once per case."""
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
-
-    def metrics(variables):
-        logits = apply(variables, images)
-        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
-                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-
+    metrics = classification_metrics(apply, images, labels)
     curve = jax.jit(lambda a, b: jfusion.loss_barrier(metrics, a, b))
     onto_first = jnp.array([0.0, 1.0])
     return {

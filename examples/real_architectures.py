@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import pickle
 import time
 import warnings
 from collections.abc import Callable
@@ -363,19 +362,14 @@ def glance(cfg: Settings, results: dict[str, dict[str, Any]]) -> kit.Table:
 def cached(directory: Path | None, name: str, cfg: Settings, train: Callable[[], Any]) -> tuple[Any, float]:
     """``train()`` (timed), or its result saved in ``directory`` by an earlier run of these settings."""
     key = hashlib.sha1(repr(cfg).encode()).hexdigest()[:12]
-    path = None if directory is None else directory / f"real_architectures_{name}_{key}.pkl"
-    if path is not None and path.exists():
-        with path.open("rb") as f:
-            variables, seconds = pickle.load(f)
-        return jax.tree.map(jnp.asarray, variables), seconds
-    start = time.perf_counter()
-    variables = jax.block_until_ready(train())
-    seconds = time.perf_counter() - start
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            pickle.dump((jax.device_get(variables), seconds), f)
-    return variables, seconds
+
+    def timed():
+        start = time.perf_counter()
+        variables = jax.block_until_ready(train())
+        return variables, time.perf_counter() - start
+
+    variables, seconds = kit.cached(None if directory is None else directory / f"real_architectures_{name}_{key}.pkl", timed)
+    return jax.tree.map(jnp.asarray, variables), seconds
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

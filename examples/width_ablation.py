@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -226,12 +225,7 @@ def run_net(net: Net, cfg: Settings, data: Split, parents: dict[str, Any]) -> di
         ACTIVATIONS: lambda m: jfusion.align(m, spec, alignment=acts, inputs=act_x),
     }
     repair = jax.jit(lambda fused, aligned: jfusion.repair(fused, aligned, spec, act_x, model=model, apply_kwargs=kw).params)
-    images, labels = jnp.asarray(test_x[: cfg.barrier_test]), jnp.asarray(test_y[: cfg.barrier_test])
-
-    def metrics(v):
-        logits = model.apply(v, images, **kw)
-        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
-                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    metrics = kit.classification_metrics(lambda v, x: model.apply(v, x, **kw), test_x[: cfg.barrier_test], test_y[: cfg.barrier_test])
 
     path_metrics = (lambda v: metrics(jfusion.recalibrate_batch_stats(train_apply, v, recal_x))) if net.bn else metrics
     curve = jax.jit(lambda u, v: jfusion.loss_barrier(path_metrics, u, v, num_points=cfg.num_points))
@@ -280,16 +274,8 @@ def summarise(report: dict[str, jfusion.PlanDiagnostics]) -> dict[str, float]:
 
 def cached(directory: Path | None, tag: str, key: Any, compute: Callable[[], Any]) -> Any:
     """``compute()``, or its result saved in ``directory`` by an earlier run with this key."""
-    path = None if directory is None else directory / f"width_ablation_{tag}_{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}.pkl"
-    if path is not None and path.exists():
-        with path.open("rb") as f:
-            return pickle.load(f)
-    value = jax.device_get(compute())
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            pickle.dump(value, f)
-    return value
+    name = f"width_ablation_{tag}_{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}.pkl"
+    return kit.cached(None if directory is None else directory / name, compute)
 
 
 # --- numbers out ---------------------------------------------------------------------------------

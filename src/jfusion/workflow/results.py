@@ -116,7 +116,9 @@ def check_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
             )
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], overwrite: bool) -> Path:
+def atomic_write(path: Path, write: Callable[[Any], None], overwrite: bool) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, then ``os.replace`` it onto ``path``
+    (see the module docstring); ``path`` must be free or, with ``overwrite``, a file jfusion wrote."""
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     check_writable([path], overwrite)
@@ -175,7 +177,7 @@ def results_document(command: str, settings: Mapping[str, Any], rows: Sequence[M
 def write_json(path: str | os.PathLike, document: Mapping[str, Any], *, overwrite: bool = False) -> Path:
     """Write ``document`` as JSON to ``path`` atomically (see the module docstring)."""
     text = json.dumps(_plain(document), indent=1, allow_nan=False) + "\n"
-    return _atomic_write(Path(path), lambda file: file.write(text.encode("utf-8")), overwrite)
+    return atomic_write(Path(path), lambda file: file.write(text.encode("utf-8")), overwrite)
 
 
 # --- the chart ----------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def save_png(figure: Any, path: str | os.PathLike, overwrite: bool = False) -> P
     """Write a matplotlib figure as a PNG, atomically, marked as jfusion's (its ``Software``
     text), so a later ``overwrite=True`` may replace it and nothing else."""
     software = f"jfusion {_version('jfusion') or ''}".strip()
-    return _atomic_write(
+    return atomic_write(
         Path(path), lambda file: figure.savefig(file, format="png", dpi=110, metadata={"Software": software}), overwrite
     )
 
