@@ -59,6 +59,18 @@ def test_round_trip_is_bit_exact_with_spec_and_metadata(tmp_path):
     assert loaded_metadata == metadata
 
 
+def test_attention_specs_with_heads_and_concat_round_trip(tmp_path):
+    spec = jfusion.Spec({
+        **jfusion.layers.dense("embed", None, "r"),
+        **jfusion.layers.attention("a0", "r", "b0"),  # Heads("b0") on their own axis
+        **jfusion.layers.fused_attention("a1", "r", "b1", 2),  # Concat of views with Heads("b1", 2)
+        **jfusion.layers.dense("head", "r", None),
+    })
+    save_checkpoint(tmp_path / "ckpt", {"params": {"w": np.zeros(3, np.float32)}}, spec)  # the sidecar is what is tested
+    _, loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded == spec and loaded.as_dict() == spec.as_dict() and loaded.heads == spec.heads
+
+
 def test_relative_paths_and_stacked_models_round_trip(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stacked = {"params": {"w": jnp.arange(24, dtype=jnp.float32).reshape(2, 3, 4) / 7}}

@@ -151,28 +151,38 @@ class FusedQKV(nn.Module):
 def test_fused_qkv_planted_permutations_are_recovered():
     model, x = FusedQKV(), jax.random.normal(jax.random.key(0), (4, 5, 8))
     params = jax.jit(model.init)(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # no zero biases
     spec = jfusion.Spec({
         **jfusion.layers.dense("embed", None, "r"),
         **jfusion.layers.fused_attention("attn", "r", "b0", 2),
         **jfusion.layers.dense("head", "r", None),
     })
-    assert spec.heads == (("b0", ("b0.qkv",)),)
+    assert spec.heads == (("b0", ("b0.qk", "b0.vo")),)
+    # The queries and keys take one permutation inside each head, the values another.
     shuffled, perms = jfusion.permute(params, spec, jax.random.key(SEED))
-    assert perms["b0"].tolist() == [1, 0] and (np.asarray(perms["b0.qkv"]).reshape(2, 4) % 4 != np.arange(4)).any()
+    inside = {g: np.asarray(perms[g]).reshape(2, 4) % 4 for g in ("b0.qk", "b0.vo")}
+    assert perms["b0"].tolist() == [1, 0] and (inside["b0.qk"] != inside["b0.vo"]).any()
+    assert all((row != np.arange(4)).any() for rows in inside.values() for row in rows)
+    alignment = jfusion.ByActivations.from_module(model, points=spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
-        fused = jfusion.fuse([params, shuffled], spec, solver="exact")
-    assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), x)
-    # By activations, the fused projection's q, k and v blocks are three samples of the member.
-    acts = jfusion.ByActivations.from_module(model, points=spec).fn(params, x)
-    qkv = x @ params["params"]["embed"]["kernel"] + params["params"]["embed"]["bias"]
-    qkv = qkv @ params["params"]["attn"]["qkv"]["kernel"] + params["params"]["attn"]["qkv"]["bias"]
-    np.testing.assert_allclose(acts["b0.qkv"], qkv.reshape(-1, 8), rtol=1e-5, atol=1e-6)
-    assert acts["b0.qkv"].shape == (3 * 4 * 5, 8)
-    # trace_spec finds the same layout: the heads inside the fused axis, one member for q, k and v.
-    traced = jfusion.trace_spec(model.apply, params, x, check=False)
+        for aligned_by in ("weights", alignment):
+            fused = jfusion.fuse([params, shuffled], spec, solver="exact", alignment=aligned_by, inputs=x)
+            assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), x)
+    # By activations, the projection's q and k blocks are samples of qk, its v block of vo.
+    acts = alignment.fn(params, x)
+    stream = x @ params["params"]["embed"]["kernel"] + params["params"]["embed"]["bias"]
+    qkv = (stream @ params["params"]["attn"]["qkv"]["kernel"] + params["params"]["attn"]["qkv"]["bias"]).reshape(-1, 3, 8)
+    np.testing.assert_allclose(acts["b0.qk"], jnp.concatenate([qkv[:, 0], qkv[:, 1]]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acts["b0.vo"], qkv[:, 2], rtol=1e-5, atol=1e-6)
+    # trace_spec finds the same layout. Its union-find alone gives q, k and v one member (the
+    # blocks of one reshaped axis are one class); its check splits them as attention allows.
+    coarse = jfusion.trace_spec(model.apply, params, x, check=False)
+    assert coarse["params/attn/qkv/kernel"].axes == ("attn/out", (3, jfusion.Heads("attn/qkv", 2), "attn/qkv.1"))
+    traced = jfusion.trace_spec(model.apply, params, x)
     assert_same_groups(traced, spec)
-    assert traced["params/attn/qkv/kernel"].axes == ("attn/out", (3, jfusion.Heads("attn/qkv", 2), "attn/qkv.1"))
+    qk, vo = ((jfusion.Heads("attn/qkv", 2), name) for name in ("attn/qkv.1:0+1", "attn/qkv.1"))
+    assert traced.as_dict()["params/attn/qkv/kernel"] == ("attn/out", jfusion.Concat(qk, qk, vo))
 
 
 def test_a_permutation_that_splits_a_head_is_caught(vit):

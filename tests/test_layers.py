@@ -68,9 +68,10 @@ def test_linen_and_nnx_paths():
     assert layers.layer_norm("ln", "h", bias=False, nnx=True) == {"ln/scale": ("h",)}
     assert layers.embed("tokens", "e", nnx=True) == {"tokens/embedding": (None, "e")}
     assert layers.bias("Recurrent_0/hi", "r0") == {"params/Recurrent_0/hi/bias": ("r0",)}
+    qk, vo = (jfusion.Heads("b", 2), "b.qk"), (jfusion.Heads("b", 2), "b.vo")
     assert layers.fused_attention("attn", "r", "b", 2, bias=False, nnx=True, qkv="in_proj") == {
-        "attn/in_proj/kernel": ("r", (3, jfusion.Heads("b", 2), "b.qkv")),
-        "attn/out/kernel": ((jfusion.Heads("b", 2), "b.qkv"), "r"),
+        "attn/in_proj/kernel": ("r", jfusion.Concat(qk, qk, vo)),
+        "attn/out/kernel": (vo, "r"),
     }
     with pytest.raises(jfusion.SpecError, match="count is the number of heads"):
         layers.fused_attention("attn", "r", "b", 0)

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import jfusion
@@ -153,3 +154,77 @@ def test_check_spec_catches_a_flatten_labelled_without_its_view():
     axes["params/Conv_1/kernel"] = (None, None, "c0", "c1")
     with pytest.raises(jfusion.SpecError, match=r"group 'c1'.*params/Conv_1/kernel"):
         jfusion.check_spec(model.apply, variables, jfusion.Spec(axes), x)
+
+
+class SplitHidden(nn.Module):
+    """One Dense layer whose 16 outputs are two groups laid end to end, read by two layers."""
+
+    @nn.compact
+    def __call__(self, x):
+        a, b = jnp.split(nn.relu(nn.Dense(16, name="hidden")(x)), 2, axis=-1)
+        return nn.Dense(3, name="from_a")(a) + nn.Dense(3, name="from_b")(jnp.tanh(b))
+
+
+CONCAT_SPEC = jfusion.Spec({
+    "params/hidden/kernel": (None, jfusion.Concat("a", "b")),
+    "params/hidden/bias": (jfusion.Concat("a", "b"),),
+    **jfusion.layers.dense("from_a", "a", None),
+    **jfusion.layers.dense("from_b", "b", None),
+})
+
+
+def test_concat_blocks_are_leaves_of_their_own_permuted_and_recovered_apart():
+    model, x = SplitHidden(), jax.random.normal(jax.random.key(0), (32, 6))
+    params = model.init(jax.random.key(1), x)
+    spec = CONCAT_SPEC
+    assert spec.paths[:2] == ("params/hidden/kernel[0]", "params/hidden/kernel[1]")
+    assert spec.part_of("params/hidden/bias[1]") == ("params/hidden/bias", 1)
+    assert spec.validate(shapes_of(params)) == {"a": 8, "b": 8}
+    assert jfusion.Spec(spec.as_dict()) == spec and hash(jfusion.Spec(spec)) == hash(spec)
+    # split / join round trip, with a leading model axis too
+    leaves = flatten(params)[0]
+    parts = spec.split(leaves)
+    assert list(parts) == [q for p in leaves for q in spec.part_paths(p)]  # the parts where the leaf was
+    assert spec.part_paths("params/hidden/bias") == ("params/hidden/bias[0]", "params/hidden/bias[1]")
+    np.testing.assert_array_equal(parts["params/hidden/kernel[1]"], leaves["params/hidden/kernel"][:, 8:])
+    joined = spec.join(parts)
+    assert list(joined) == list(leaves) and all(np.array_equal(joined[p], leaves[p]) for p in leaves)
+    stacked = flatten(jfusion.stack_models([params, params]))[0]
+    assert spec.split(stacked)["params/hidden/bias[0]"].shape == (2, 8)
+    # a and b are permuted independently; fusion recovers both, by weights and by activations
+    jfusion.check_spec(model.apply, params, spec, x)
+    shuffled, perms = jfusion.permute(params, spec, jax.random.key(3))
+    assert not np.array_equal(perms["a"], perms["b"])
+    np.testing.assert_allclose(model.apply(shuffled, x), model.apply(params, x), atol=1e-5)
+    by_activations = jfusion.ByActivations.from_module(model, points=spec)
+    for result in (
+        jfusion.fuse([params, shuffled], spec, solver="exact"),
+        jfusion.fuse([params, shuffled], spec, solver="exact", alignment=by_activations, inputs=x),
+        jfusion.partial_fuse([params, shuffled], spec, alpha=0.0),
+    ):
+        for g in ("a", "b"):
+            np.testing.assert_array_equal(np.asarray(result.plans[g].plan[1]).argmax(axis=1), perms[g])
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), result.params, params)
+    # by activations, each group is its block of the layer's outputs
+    hidden = x @ params["params"]["hidden"]["kernel"] + params["params"]["hidden"]["bias"]
+    acts = by_activations.fn(params, x)
+    np.testing.assert_allclose(acts["a"], hidden[:, :8], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acts["b"], hidden[:, 8:], rtol=1e-5, atol=1e-6)
+
+
+def test_concat_labels_are_checked_with_the_leaf_axis_and_sizes():
+    with pytest.raises(jfusion.SpecError, match="at least two blocks"):
+        jfusion.Concat("a")
+    with pytest.raises(jfusion.SpecError, match="nests a Concat"):
+        jfusion.Concat("a", jfusion.Concat("b", "c"))
+    with pytest.raises(jfusion.SpecError, match=r"w: axes \[0, 1\] are both Concat"):
+        jfusion.Spec({"w": (jfusion.Concat("a", "b"), jfusion.Concat("a", "b")), "r": ("a", "b")})
+    with pytest.raises(jfusion.SpecError, match=r"model 1: params/hidden/kernel axis 1 is Concat of 2 equal blocks, but its size 15 is not divisible by 2"):
+        CONCAT_SPEC.validate({"params/hidden/kernel": (6, 15), "params/hidden/bias": (15,), "params/from_a/kernel": (7, 3),
+                              "params/from_a/bias": (3,), "params/from_b/kernel": (8, 3), "params/from_b/bias": (3,)}, "model 1")
+    with pytest.raises(jfusion.SpecError, match=r"params/from_b/kernel axis 0 gives group 'b' size 5, but params/hidden/kernel\[1\] axis 1 gives it size 8"):
+        CONCAT_SPEC.validate({"params/hidden/kernel": (6, 16), "params/hidden/bias": (16,), "params/from_a/kernel": (8, 3),
+                              "params/from_a/bias": (3,), "params/from_b/kernel": (5, 3), "params/from_b/bias": (3,)})
+    with pytest.raises(jfusion.SpecError, match=r"the spec labels \['params/hidden/bias'\] but the pytree has no such leaves"):
+        CONCAT_SPEC.validate({"params/hidden/kernel": (6, 16), "params/from_a/kernel": (8, 3),
+                              "params/from_a/bias": (3,), "params/from_b/kernel": (8, 3), "params/from_b/bias": (3,)})

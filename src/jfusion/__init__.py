@@ -38,7 +38,7 @@ from jfusion.core.costs import GroundMetric
 from jfusion.core.errors import ConvergenceWarning, FusionInputError, JFusionError, ResidualStreamWarning, SpecError
 from jfusion.core.plans import BalancedPlans, PlanProducer
 from jfusion.core.solvers import Exact, OTResult, Sinkhorn, Solver
-from jfusion.core.spec import Heads, LeafSpec, Spec
+from jfusion.core.spec import Concat, Heads, LeafSpec, Spec
 from jfusion.core.matching import WeightMatching
 from jfusion.core.support import ByActivations, ByWeights, ModuleActivations, NnxActivations
 from jfusion.core.tree import running_statistics, stack_models, unstack_models
@@ -67,6 +67,7 @@ __all__ = [
     "Barycenter",
     "ByActivations",
     "ByWeights",
+    "Concat",
     "ConvergenceWarning",
     "Exact",
     "Fusion",

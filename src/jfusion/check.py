@@ -117,6 +117,22 @@ def perturb_constant_leaves(variables: PyTree, key: jax.Array) -> PyTree:
     return unflatten(treedef, out)
 
 
+def permutation_error(
+    apply_fn: Callable[[PyTree, Any], Any], variables: PyTree, spec: Spec, x: Any, *, seed: int = 0, rtol: float = 1e-4
+) -> tuple[PyTree, Any, float, float]:
+    """How far one random permutation of every group moves the outputs: :func:`check_spec`'s test.
+
+    Returns the variables with their constant leaves perturbed, their outputs, the
+    tolerance (``rtol`` times the outputs' largest magnitude, at least ``rtol``) and the
+    largest change of the outputs under :func:`permute` with ``seed``.
+    """
+    variables = perturb_constant_leaves(variables, jax.random.fold_in(jax.random.key(seed), 1))
+    reference = apply_fn(variables, x)
+    tolerance = rtol * max(_scale(reference), 1.0)
+    permuted, _ = permute(variables, spec, jax.random.key(seed))
+    return variables, reference, tolerance, _max_difference(reference, apply_fn(permuted, x))
+
+
 def check_spec(
     apply_fn: Callable[[PyTree, Any], Any],
     variables: PyTree,
@@ -155,14 +171,10 @@ def check_spec(
         Models modulo Permutation Symmetries.* ICLR 2023 (its permutation specs label
         parameter axes the way a Spec does).
     """
-    variables = perturb_constant_leaves(variables, jax.random.fold_in(jax.random.key(seed), 1))
-    reference = apply_fn(variables, x)
-    tolerance = rtol * max(_scale(reference), 1.0)
-    key = jax.random.key(seed)
-    permuted, _ = permute(variables, spec, key)
-    error = _max_difference(reference, apply_fn(permuted, x))
+    variables, reference, tolerance, error = permutation_error(apply_fn, variables, spec, x, seed=seed, rtol=rtol)
     if error <= tolerance:
         return
+    key = jax.random.key(seed)
     culprits = []
     units = spec.groups + tuple(name for name, _ in spec.heads)
     for group, k in zip(units, jax.random.split(key, len(units))):

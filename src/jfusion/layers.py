@@ -18,7 +18,8 @@ default and an ``nnx.State``'s (``"conv/kernel"``, ``"norm/mean"``) with ``nnx=T
 Attention is a structured group (:class:`jfusion.Heads`): :func:`attention` labels stock
 ``nn.MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` (separate ``(d, H, hd)``
 query, key and value kernels; members ``qk`` and ``vo``), :func:`fused_attention` one fused
-q/k/v Dense kernel ``(d, 3 H hd)`` and a Dense output (one member ``qkv``)::
+q/k/v Dense kernel ``(d, 3 H hd)`` (a :class:`jfusion.Concat` of q, k and v blocks, the same
+members) and a Dense output::
 
     spec = jfusion.Spec({
         **layers.embed("embed", "r"),                    # token table (vocab, d): writes the stream

@@ -26,7 +26,11 @@ inside each head by the output projection, so no leaf carries it last, and on ev
 comes right before a class of within-head dims (q/k's, v/o's) that nothing else precedes.
 Such a class becomes :class:`jfusion.Heads`, its followers its members (``q . k`` contracts
 q/k's dims with each other, so that member needs no reader), which lets every head permute
-its own dims -- more than the union-find's one permutation per class can say.
+its own dims -- more than the union-find's one permutation per class can say. The blocks of
+a fused q/k/v projection are one class too (a reshape gives the block index its own axis,
+but the dims after it one node for every block); their finer labellings are the one thing
+not read off the structure: they are tried, and kept when the function is (see
+:func:`trace_spec`).
 
 A primitive without a rule stops the trace with a :class:`TraceError` naming it, the leaves
 its operands come from and the source line; ``unknown="tie"`` pins every axis it touches
@@ -45,9 +49,9 @@ import jax
 import jax.extend.core as jex
 from flax import nnx
 
-from jfusion.check import check_spec
+from jfusion.check import check_spec, permutation_error
 from jfusion.core.errors import SpecError
-from jfusion.core.spec import Heads, LeafSpec, Spec
+from jfusion.core.spec import Concat, Heads, LeafSpec, Spec
 from jfusion.core.tree import PyTree, flatten, module_path
 
 Node = Hashable
@@ -763,6 +767,70 @@ def _build_spec(t: _Tracer, leaf_axes: Mapping[str, Axes], shapes: Mapping[str, 
     return Spec([LeafSpec(path, tuple(entry(dims) for dims in per_axis)) for path, per_axis in labelled.items()])
 
 
+def _block_labellings(count: int) -> list[tuple[list[list[int]], int]]:
+    """Ways to give ``count`` blocks members of their own: ``(parts, read part)``, finest first.
+
+    ``parts`` is a set partition of the blocks into at least two parts; the read part keeps
+    the member's name (its readers read it), the others are members nothing reads.
+    """
+
+    def partitions(items: list[int]) -> Iterable[list[list[int]]]:
+        if not items:
+            yield []
+            return
+        for rest in partitions(items[1:]):
+            for i in range(len(rest)):
+                yield rest[:i] + [[items[0], *rest[i]]] + rest[i + 1 :]
+            yield [[items[0]], *rest]
+
+    found = [(parts, read) for parts in partitions(list(range(count))) if len(parts) > 1 for read in range(len(parts))]
+    return sorted(found, key=lambda labelling: -len(labelling[0]))
+
+
+def _split_blocks(spec: Spec, holds: Callable[[Spec], bool]) -> Spec:
+    """Give the blocks of a fused projection members of their own where the function allows.
+
+    One node per axis cannot tell the blocks of a fused q/k/v projection apart: reshaped to
+    ``(3, H, hd)``, its three blocks' within-head dims are one class, so the traced member
+    is shared by q, k and v (``(3, Heads, member)`` on the writers' last axis). That is a
+    symmetry, but a coarser one than attention has. For each such member, labellings of its
+    blocks as a :class:`jfusion.Concat` of members (finest first: q and k sharing one, v
+    with the readers' is what attention gives) are tried; the first that ``holds`` (random
+    permutations keep the outputs) replaces it.
+    """
+    for heads, members in spec.heads:
+        for member in members:
+            writers = spec.writers(member)
+            views = {leaf.axes[-1] for leaf in writers}
+            view = next(iter(views))
+            if (
+                len(views) != 1
+                or not isinstance(view, tuple)
+                or len(view) != 3
+                or not (isinstance(view[0], int) and view[0] > 1 and isinstance(view[1], Heads) and view[2] == member)
+                or any(member in leaf.dim_groups[:-1] for leaf in writers)
+            ):
+                continue
+            for parts, read in _block_labellings(view[0]):
+                names = {
+                    b: member if k == read else f"{member}:{'+'.join(map(str, part))}"
+                    for k, part in enumerate(parts)
+                    for b in part
+                }
+                blocks = Concat(*((view[1], names[b]) for b in range(view[0])))
+                entries = spec.as_dict()
+                for leaf in writers:
+                    entries[leaf.path] = (*leaf.axes[:-1], blocks)
+                try:
+                    candidate = Spec(entries)
+                except SpecError:
+                    continue
+                if holds(candidate):
+                    spec = candidate
+                    break
+    return spec
+
+
 def trace_spec(
     apply_fn: Callable[..., Any] | nnx.Module,
     variables: PyTree = None,
@@ -788,9 +856,13 @@ def trace_spec(
     (named after the attention module, ``"block0/attn"``), its followers its members (named
     after their projections, ``"block0/attn/key+query"``, ``"block0/attn/value"``). Stock
     ``MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` give :func:`jfusion.models.vit_spec`'s
-    layout up to names; a fused q/k/v Dense reshaped to ``(3, H, hd)`` gives
-    :func:`jfusion.layers.fused_attention`'s (one member for q, k and v: the traced
-    ``q . k`` ties the three blocks' dims through the reshape). Not inferred, so the heads
+    layout up to names; a fused q/k/v Dense reshaped to ``(3, H, hd)`` (or split in three)
+    gives :func:`jfusion.layers.fused_attention`'s. The union-find gives the three blocks
+    one member (one node per axis cannot tell the blocks of one axis apart), so with
+    ``check`` the blocks' finer labellings as a :class:`jfusion.Concat` of members are tried,
+    finest first, and the first under which random permutations keep the outputs is kept (q
+    and k sharing a member, v with the output projection's); ``check=False`` leaves the one
+    shared member, a coarser symmetry that is still exact. Not inferred, so the heads
     stay in place (and the value dims are at most one group, permuted alike in every head):
     heads whose within-head dims also meet a leaf without the heads axis (a per-dim scale
     shared by all heads, e.g. ``normalize_qk=True``'s LayerNorms), and grouped-query
@@ -816,7 +888,8 @@ def trace_spec(
       unknown: ``"error"`` raises :class:`TraceError` at a primitive without a rule;
         ``"tie"`` pins every axis it touches (never permutes too much; may group less).
       check: verify the traced spec with :func:`jfusion.check_spec` (random permutations
-        of every group on copies of the variables with their constant leaves perturbed).
+        of every group on copies of the variables with their constant leaves perturbed),
+        after splitting fused projections' blocks into members where such permutations allow.
       seed: the check's seed.
       kwargs: static keyword arguments of ``apply_fn`` (``train=False``).
 
@@ -906,9 +979,19 @@ def trace_spec(
     if check and spec.groups:
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves.values()):
             raise ValueError("check=True runs the model, so it needs arrays; trace shapes with check=False")
+        apply = jax.jit(call)  # one compiled program for the checks' applications
+
+        def holds(candidate: Spec) -> bool:
+            return all(
+                error <= tolerance
+                for _, _, tolerance, error in (
+                    permutation_error(apply, variables, candidate, args, seed=seed + k) for k in range(2)
+                )
+            )
+
+        spec = _split_blocks(spec, holds)
         try:
-            # One compiled program for the check's applications (eager ops compile one by one).
-            check_spec(jax.jit(call), variables, spec, args, seed=seed)
+            check_spec(apply, variables, spec, args, seed=seed)
         except SpecError as failure:
             raise TraceError(
                 f"the traced spec fails check_spec, so an operation was taken as equivariant that "

@@ -229,7 +229,7 @@ def prepare(
         )
     # One activation function per model: each model runs its own (different modules cannot vmap).
     stack = stack and not (isinstance(alignment, ByActivations) and alignment.model_fns is not None)
-    models = ModelStack(params_list, stack=stack)
+    models = ModelStack(params_list, stack=stack).split(spec)
     num = models.num_models
     all_widths = [spec.validate(models.shapes(k), f"model {k}") for k in range(num)]
     if models.stacked is not None:
@@ -244,6 +244,7 @@ def prepare(
         dtypes = models.dtypes[reference]
     else:
         flat, reference_treedef = flatten(target)
+        flat = spec.split(flat, "target")
         if set(flat) != set(models.paths):
             raise FusionInputError(
                 f"target has a different tree from the models: {first_difference(models.model(0), flat)}"
@@ -323,7 +324,7 @@ def _activations(config: EngineConfig, leaves, inputs, index: int | None):
     else:
         fn = alignment.fn
     treedef = config.treedef if index is not None else config.reference_treedef
-    return dict(fn(unflatten(treedef, leaves), inputs))
+    return dict(fn(unflatten(treedef, config.spec.join(leaves)), inputs))
 
 
 def _steps(config: EngineConfig):
@@ -565,7 +566,7 @@ def run(problem: Problem, weights: jax.Array | Sequence[float] | None = None) ->
     w = model_weights(weights, config.num_models)
     fused, out = fusion_program(config, problem.models, problem.reference, problem.inputs, w)
     warn_unconverged(out.plans, config.alignment)
-    return unflatten(config.reference_treedef, fused), out
+    return unflatten(config.reference_treedef, config.spec.join(fused)), out
 
 
 def caller_stacklevel() -> int:
@@ -639,7 +640,8 @@ def align(
     producer = BalancedPlans(resolve_solver(solver), resolve_metric(metric), importance, heads, tuple(identity_groups))
     problem = prepare(params_list, spec, producer, alignment=alignment, target=target, inputs=inputs)
     _, out = run(problem)
-    return Alignment(unflatten(problem.config.reference_treedef, {p: out.aligned[p] for p, _ in problem.config.dtypes}), out.plans)
+    aligned = problem.config.spec.join({p: out.aligned[p] for p, _ in problem.config.dtypes})
+    return Alignment(unflatten(problem.config.reference_treedef, aligned), out.plans)
 
 
 @jax.jit

@@ -7,7 +7,10 @@ leaf:
 * ``None``: the axis carries no group (inputs, logits, kernel height...), it is averaged
   but never transported;
 * a tuple: a *view* -- the axis is reshaped (C order) into several dims before labelling,
-  each a group name, a fixed ``int`` size or ``None`` (at most one inferred size).
+  each a group name, a fixed ``int`` size or ``None`` (at most one inferred size);
+* ``Concat(block, ...)``: the axis is equal blocks laid end to end, each block an entry of
+  its own (:class:`Concat`; a fused q/k/v kernel). Block ``i`` of leaf ``path`` is then a
+  leaf of its own, ``path[i]``, for every step of a fusion (:meth:`Spec.split`).
 
 Examples (Flax stores a Dense kernel as ``(in, out)`` and a Conv kernel as ``(H, W, in, out)``)::
 
@@ -38,7 +41,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import jax.numpy as jnp
+import numpy as np
 
 from jfusion.core.errors import SpecError
 
@@ -66,9 +72,9 @@ class Heads:
         head permutation.
       count: the number of heads, for a view such as ``("r", (Heads("b0", 4), "b0.qk"))``
         (a Dense kernel with ``H * hd`` outputs) where no other leaf sizes them; None reads
-        it from the leaves. A fused q/k/v kernel ``(d, 3 H hd)`` is ``("r", (3, Heads("b0",
-        4), "b0.qkv"))`` (:func:`jfusion.layers.fused_attention`): one member for the three
-        blocks, since a view cannot give blocks of one axis different groups.
+        it from the leaves. A fused q/k/v kernel ``(d, 3 H hd)`` is a :class:`Concat` of
+        three such views, q and k with ``qk``, v with ``vo``
+        (:func:`jfusion.layers.fused_attention`).
 
     Examples:
       >>> import jfusion
@@ -99,8 +105,51 @@ class Heads:
         return f"Heads({self.name!r})" if self.count is None else f"Heads({self.name!r}, {self.count})"
 
 
+@dataclasses.dataclass(frozen=True, init=False)
+class Concat:
+    """An axis made of equal blocks laid end to end, each block labelled on its own.
+
+    ``Concat(block_0, ..., block_{n-1})`` labels an axis of size ``n * s`` whose entries
+    ``[i s, (i + 1) s)`` are block ``i``; each block is an axis entry of its own (a group
+    name, None, ``Heads(name)`` or a view tuple). A fused q/k/v projection ``(d, 3 H hd)``
+    concatenates the queries, the keys and the values, each head-major:
+
+        ``("r", Concat((Heads("b0", H), "b0.qk"), (Heads("b0", H), "b0.qk"), (Heads("b0", H), "b0.vo")))``
+
+    so q and k share the member ``qk`` and v has ``vo``, permuted independently inside each
+    head as with separate kernels (:func:`jfusion.layers.fused_attention`). A view cannot say
+    this: it is one reshape, and every block of a reshaped axis has the same labels.
+
+    The Spec treats block ``i`` of leaf ``path`` as a leaf of its own, ``f"{path}[{i}]"``
+    (:meth:`Spec.split`; :meth:`Spec.join` concatenates the blocks back), so every step of a
+    fusion -- supports, plans, transport -- sees plain leaves, and errors name the block. A
+    leaf has at most one ``Concat`` axis.
+
+    Attributes:
+      blocks: the blocks' entries, in order along the axis (at least two).
+    """
+
+    blocks: tuple
+
+    def __init__(self, *blocks: "Entry"):
+        if len(blocks) < 2:
+            raise SpecError(f"Concat needs at least two blocks (one block is the entry itself), not {len(blocks)}")
+        for block in blocks:
+            if isinstance(block, Concat):
+                raise SpecError(f"Concat{blocks!r} nests a Concat: give the blocks of one axis in one Concat")
+        object.__setattr__(self, "blocks", tuple(tuple(b) if isinstance(b, list) else b for b in blocks))
+
+    def __repr__(self) -> str:
+        return f"Concat({', '.join(map(repr, self.blocks))})"
+
+
+def part_path(path: str, index: int) -> str:
+    """The name of the part leaf that holds block ``index`` of ``path``'s :class:`Concat` axis."""
+    return f"{path}[{index}]"
+
+
 Dim = Union[str, int, None, Heads]
-Entry = Union[str, None, tuple, Heads]
+Entry = Union[str, None, tuple, Heads, Concat]
 
 
 def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
@@ -114,9 +163,8 @@ def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
             if isinstance(d, (tuple, list)):
                 raise SpecError(
                     f"{path}: axis {axis} view {dims} nests a tuple ({d!r}): a view is one reshape of the "
-                    f"axis, not a concatenation of blocks with labels of their own. A fused q/k/v kernel "
-                    f"is the view (3, Heads(name, H), member), q, k and v sharing the member "
-                    f"(jfusion.layers.fused_attention)"
+                    f"axis; blocks laid end to end with labels of their own are Concat(block, ...), "
+                    f"e.g. a fused q/k/v kernel (jfusion.layers.fused_attention)"
                 )
             if not (d is None or isinstance(d, (str, Heads)) or (isinstance(d, int) and d > 0)):
                 raise SpecError(
@@ -125,8 +173,10 @@ def _parse_entry(path: str, axis: int, entry: Entry) -> tuple[Dim, ...]:
         if sum(d is None for d in dims) > 1:
             raise SpecError(f"{path}: axis {axis} view {dims} has more than one inferred (None) dim")
         return dims
+    if isinstance(entry, Concat):
+        raise SpecError(f"{path}: axis {axis} is {entry!r}, but a leaf has at most one Concat axis")
     raise SpecError(
-        f"{path}: axis {axis} entry {entry!r} must be a group name, None, Heads(name), or a tuple (a view)"
+        f"{path}: axis {axis} entry {entry!r} must be a group name, None, Heads(name), a tuple (a view) or Concat(...)"
     )
 
 
@@ -380,17 +430,28 @@ class Spec:
     groups: tuple[str, ...]
     units: tuple[str, ...]
     heads: tuple[tuple[str, tuple[str, ...]], ...]
+    concatenated: tuple[tuple[str, int, int, int], ...]
 
     def __init__(self, mapping: Mapping[str, Sequence[Entry]] | Iterable[LeafSpec]):
         if isinstance(mapping, Spec):
-            mapping = mapping.leaves
-        items = (
-            [LeafSpec(p, a) for p, a in mapping.items()] if isinstance(mapping, Mapping) else list(mapping)
-        )
+            mapping = mapping.as_dict()
+        given = dict(mapping.items()) if isinstance(mapping, Mapping) else {l.path: l.axes for l in mapping}
+        items, concatenated = [], []
+        for path, axes in given.items():
+            if not isinstance(path, str):
+                raise SpecError(f"{path!r}: a leaf path must be a string such as 'params/Dense_0/kernel'")
+            where = [i for i, e in enumerate(axes) if isinstance(e, Concat)] if isinstance(axes, (tuple, list)) else []
+            if len(where) > 1:
+                raise SpecError(f"{path}: axes {where} are both Concat; a leaf has at most one Concat axis")
+            if not where:
+                items.append(LeafSpec(path, axes))
+                continue
+            axis, blocks = where[0], axes[where[0]].blocks
+            concatenated.append((path, axis, len(blocks), len(axes)))
+            for i, block in enumerate(blocks):
+                items.append(LeafSpec(part_path(path, i), (*axes[:axis], block, *axes[axis + 1 :])))
         index: dict[str, LeafSpec] = {}
         for leaf in items:
-            if not isinstance(leaf.path, str):
-                raise SpecError(f"{leaf.path!r}: a leaf path must be a string such as 'params/Dense_0/kernel'")
             if leaf.path in index:
                 raise SpecError(f"{leaf.path}: labelled twice")
             index[leaf.path] = leaf
@@ -424,7 +485,10 @@ class Spec:
         object.__setattr__(self, "_writers", writers)
         object.__setattr__(self, "_readers", readers)
         object.__setattr__(self, "_of", {g: tuple(l for l in items if g in l.groups) for g in names})
-        object.__setattr__(self, "_hash", hash(self.leaves))
+        object.__setattr__(self, "concatenated", tuple(concatenated))
+        object.__setattr__(self, "_given", given)
+        object.__setattr__(self, "_parts", {part_path(p, i): (p, i) for p, _, n, _ in concatenated for i in range(n)})
+        object.__setattr__(self, "_hash", hash((self.leaves, self.concatenated)))
         sources = {
             g: {leaf.input_groups for leaf in writers[g] if len(leaf.dims) > 1 and g not in leaf.input_groups}
             for g in names
@@ -432,14 +496,14 @@ class Spec:
         object.__setattr__(self, "_streams", tuple(g for g in self.groups if len(sources[g]) > 1))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Spec) and self.leaves == other.leaves
+        return isinstance(other, Spec) and (self.leaves, self.concatenated) == (other.leaves, other.concatenated)
 
     def __hash__(self) -> int:
         return self._hash
 
     def __repr__(self) -> str:
-        width = max((len(repr(leaf.path)) for leaf in self.leaves), default=0)
-        rows = [f"    {leaf.path!r:<{width}}: {leaf.axes!r}," for leaf in self.leaves]
+        width = max((len(repr(path)) for path in self._given), default=0)
+        rows = [f"    {path!r:<{width}}: {tuple(axes)!r}," for path, axes in self._given.items()]
         return "Spec({\n" + "\n".join(rows) + f"\n}})  # groups in order: {', '.join(self.groups)}"
 
     def __getitem__(self, path: str) -> LeafSpec:
@@ -450,10 +514,82 @@ class Spec:
 
     @property
     def paths(self) -> tuple[str, ...]:
+        """The labelled leaves' paths; a :class:`Concat` leaf's part leaves stand for it."""
         return tuple(self._index)
 
     def as_dict(self) -> dict[str, tuple[Entry, ...]]:
-        return {leaf.path: leaf.axes for leaf in self.leaves}
+        """``{path: axes}`` as given (a :class:`Concat` leaf under its own path)."""
+        return {path: tuple(axes) for path, axes in self._given.items()}
+
+    def part_of(self, path: str) -> tuple[str, int] | None:
+        """``(leaf path, block index)`` when ``path`` is a part leaf of a :class:`Concat`, else None."""
+        return self._parts.get(path)
+
+    def _blocks(self) -> dict[str, tuple[int, int, int]]:
+        return {path: (axis, count, ndim) for path, axis, count, ndim in self.concatenated}
+
+    def split(self, leaves: Mapping[str, Any], model: str = "model") -> dict[str, Any]:
+        """``leaves`` with every :class:`Concat` leaf replaced, in place, by its part leaves.
+
+        Arrays are split along the Concat axis counted from the end, so a leading model axis
+        (K models stacked) is kept; other leaves pass through. Inverse: :meth:`join`.
+        """
+        if not self.concatenated:
+            return dict(leaves)
+        blocks, out = self._blocks(), {}
+        for path, x in leaves.items():
+            if path not in blocks:
+                out[path] = x
+                continue
+            axis, count, ndim = blocks[path]
+            size = np.shape(x)[axis - ndim] if np.ndim(x) >= ndim else None
+            if size is None or size % count:
+                raise SpecError(
+                    f"{model}: {path} axis {axis} is Concat of {count} equal blocks, but its size is "
+                    f"{size if size is not None else f'missing (shape {np.shape(x)})'}, which {count} does not divide"
+                )
+            for i, part in enumerate(jnp.split(jnp.asarray(x), count, axis=axis - ndim)):
+                out[part_path(path, i)] = part
+        return out
+
+    def join(self, leaves: Mapping[str, Any]) -> dict[str, Any]:
+        """Inverse of :meth:`split`: each Concat leaf's parts concatenated back, where they were."""
+        if not self.concatenated:
+            return dict(leaves)
+        blocks, out = self._blocks(), {}
+        for path, x in leaves.items():
+            owner = self._parts.get(path)
+            if owner is None:
+                out[path] = x
+            elif owner[1] == 0:
+                axis, count, ndim = blocks[owner[0]]
+                parts = [leaves[part_path(owner[0], i)] for i in range(count)]
+                out[owner[0]] = jnp.concatenate(parts, axis=axis - ndim)
+        return out
+
+    def part_paths(self, path: str) -> tuple[str, ...]:
+        """The paths ``path`` is known by after :meth:`split`: its part leaves, or itself."""
+        count = self._blocks().get(path, (0, 0, 0))[1]
+        return tuple(part_path(path, i) for i in range(count)) if count else (path,)
+
+    def split_shapes(self, shapes: Mapping[str, Sequence[int]], model: str = "model") -> dict[str, tuple[int, ...]]:
+        """``{path: shape}`` with every Concat leaf's shape replaced by its part leaves' (see :meth:`split`)."""
+        blocks, out = self._blocks(), {}
+        for path, shape in shapes.items():
+            if path not in blocks:
+                out[path] = tuple(shape)
+                continue
+            axis, count, ndim = blocks[path]
+            if len(shape) != ndim:
+                raise SpecError(f"{model}: {path} has {len(shape)} axes (shape {tuple(shape)}) but the spec labels {ndim}")
+            if shape[axis] % count:
+                raise SpecError(
+                    f"{model}: {path} axis {axis} is Concat of {count} equal blocks, but its size "
+                    f"{shape[axis]} is not divisible by {count}"
+                )
+            part = (*shape[:axis], shape[axis] // count, *shape[axis + 1 :])
+            out.update({part_path(path, i): part for i in range(count)})
+        return out
 
     def writers(self, group: str) -> tuple[LeafSpec, ...]:
         """Leaves whose output group is ``group``: its incoming weights."""
@@ -487,9 +623,12 @@ class Spec:
         A member group of :class:`jfusion.Heads` has the width ``H * hd``; the ``Heads`` name maps to
         its head count ``H``.
 
+        ``shapes`` may name a :class:`Concat` leaf by its own path or by its part leaves'.
+
         Raises SpecError naming the path, the axis, and the expected and found sizes.
         """
-        missing = [p for p in self.paths if p not in shapes]
+        shapes = self.split_shapes(shapes, model)
+        missing = list(dict.fromkeys((self.part_of(p) or (p,))[0] for p in self.paths if p not in shapes))
         if missing:
             raise SpecError(
                 f"{model}: the spec labels {missing} but the pytree has no such leaves "
@@ -834,22 +973,18 @@ def fused_attention(
 ) -> Entries:
     """Entries of attention with one fused q/k/v projection: Dense kernels ``qkv (d, 3 H hd)`` and ``out (H hd, d)``.
 
-    The fused projection's outputs are the queries, the keys and the values concatenated,
-    each head-major (``(3, H, hd)`` in C order, as ``reshape(..., 3, H, hd)`` splits them),
-    so its kernel is the view ``(inputs, (3, Heads(heads, count), f"{heads}.qkv"))`` and the
-    output projection reads ``((Heads(heads, count), f"{heads}.qkv"), outputs)``. A view is a
-    reshape: the three blocks share one member group, so the queries, keys and values take
-    the same permutation inside each head (the head permutation is the full one). That is a
-    symmetry of attention, a subgroup of the one stock attention's separate kernels give
-    (:func:`attention`: q/k and v/o permuted independently inside each head), and it keeps
-    the function exactly; planted permutations of it are recovered exactly.
+    The fused projection's outputs are the queries, the keys and the values laid end to
+    end, each head-major (``(3, H, hd)`` in C order, as ``reshape(..., 3, H, hd)`` splits
+    them), so its output axis is a :class:`jfusion.Concat` of three blocks: q and k carry
+    the member ``f"{heads}.qk"``, v the member ``f"{heads}.vo"`` that the output projection
+    reads. The symmetry is the one of separate kernels (:func:`attention`): one permutation
+    of the heads, and inside each head one permutation for q/k and another for v/o.
 
     Args:
       name: the attention module's path.
       inputs: the group the projections read (the residual stream), or None.
-      heads: the structured group's name; its member is ``f"{heads}.qkv"``.
-      count: the number of heads ``H`` (a view needs it: no leaf has the heads on an axis of
-        their own).
+      heads: the structured group's name; its members are ``f"{heads}.qk"`` and ``f"{heads}.vo"``.
+      count: the number of heads ``H`` (no leaf has the heads on an axis of their own).
       outputs: the group the output projection writes; ``inputs`` when None.
       qkv: the fused projection's module name inside ``name``.
       out: the output projection's module name inside ``name``.
@@ -861,22 +996,21 @@ def fused_attention(
 
     Examples:
       >>> import jfusion
-      >>> for path, axes in jfusion.layers.fused_attention("attn", "r", "b0", 4).items():
+      >>> for path, axes in jfusion.layers.fused_attention("attn", "r", "b0", 4, bias=False).items():
       ...     print(path, axes)
-      params/attn/qkv/kernel ('r', (3, Heads('b0', 4), 'b0.qkv'))
-      params/attn/qkv/bias ((3, Heads('b0', 4), 'b0.qkv'),)
-      params/attn/out/kernel ((Heads('b0', 4), 'b0.qkv'), 'r')
-      params/attn/out/bias ('r',)
+      params/attn/qkv/kernel ('r', Concat((Heads('b0', 4), 'b0.qk'), (Heads('b0', 4), 'b0.qk'), (Heads('b0', 4), 'b0.vo')))
+      params/attn/out/kernel ((Heads('b0', 4), 'b0.vo'), 'r')
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise SpecError(f"{name}: count is the number of heads, an int >= 1, not {count!r}")
     params, _ = _layer_paths(name, nnx)
     outputs = inputs if outputs is None else outputs
-    member = (Heads(heads, count), f"{heads}.qkv")
-    entries: Entries = {f"{params}/{qkv}/kernel": (inputs, (3, *member))}
+    qk, vo = ((Heads(heads, count), f"{heads}.{member}") for member in ("qk", "vo"))
+    blocks = Concat(qk, qk, vo)
+    entries: Entries = {f"{params}/{qkv}/kernel": (inputs, blocks)}
     if bias:
-        entries[f"{params}/{qkv}/bias"] = ((3, *member),)
-    entries[f"{params}/{out}/kernel"] = (member, outputs)
+        entries[f"{params}/{qkv}/bias"] = (blocks,)
+    entries[f"{params}/{out}/kernel"] = (vo, outputs)
     if bias:
         entries[f"{params}/{out}/bias"] = (outputs,)
     return entries

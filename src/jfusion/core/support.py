@@ -72,7 +72,20 @@ class ByWeights:
             raise ValueError(f"ByWeights.sweeps must be an int >= 1, got {self.sweeps!r}")
 
 
-Points = tuple[tuple[str, tuple[str, ...], int, int], ...]  # (group, module paths, feature axes, blocks)
+class Capture(NamedTuple):
+    """One module output read as a group's activations: block ``part`` of ``parts``.
+
+    A module whose kernel's output axis is a :class:`jfusion.Concat` (a fused q/k/v
+    projection) outputs several groups end to end: its flattened features split into
+    ``parts`` equal blocks, of which block ``part`` holds this group's neurons.
+    """
+
+    module: str
+    part: int = 0
+    parts: int = 1
+
+
+Points = tuple[tuple[str, tuple[Capture, ...], int, int], ...]  # (group, captures, feature axes, blocks)
 
 
 def _feature_layout(leaf: LeafSpec) -> tuple[int, int]:
@@ -111,8 +124,9 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
     output is the model's. A member group of :class:`jfusion.Heads` is written by head-split
     projections whose outputs end in ``(H, hd)`` (stock attention's query, key and value):
     those two axes are flattened head-major, the member group's layout, so q and k both
-    give samples of the ``qk`` member; a fused projection's blocks (``(3, H, hd)``: q, k, v)
-    are samples of its member. Points given as a dict read the last axis only.
+    give samples of the ``qk`` member; a fused projection (a :class:`jfusion.Concat`
+    output axis, ``qkv (d, 3 H hd)``) gives each member its blocks: q and k to ``qk``, v to
+    ``vo`` (:class:`Capture`). Points given as a dict read the last axis only.
     """
     if points is None:
         return ()
@@ -121,7 +135,7 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
         for group in points.groups:
             writers = points.writers(group)
             inner = [leaf for leaf in writers if module_path(leaf.path)] or list(writers)
-            modules = tuple(dict.fromkeys(module_path(leaf.path) for leaf in inner))
+            modules = tuple(dict.fromkeys(_capture(points, leaf) for leaf in inner))
             layouts = {_feature_layout(leaf) for leaf in inner}
             if len(layouts) > 1:
                 raise SpecError(
@@ -131,13 +145,38 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
                 )
             out.append((group, modules, *layouts.pop()))
         return tuple(out)
-    return tuple((group, (paths,) if isinstance(paths, str) else tuple(paths), 1, 1) for group, paths in points.items())
+    return tuple(
+        (group, tuple(Capture(p) for p in ((paths,) if isinstance(paths, str) else paths)), 1, 1)
+        for group, paths in points.items()
+    )
+
+
+def _capture(spec: Spec, leaf: LeafSpec) -> Capture:
+    """What of its module's output a writer leaf's group is: all of it, or one Concat block."""
+    owner = spec.part_of(leaf.path)
+    if owner is None:
+        return Capture(module_path(leaf.path))
+    axis, count = next((a, n) for p, a, n, _ in spec.concatenated if p == owner[0])
+    axes, _ = _feature_layout(leaf)
+    if axis != len(leaf.axes) - axes:  # the blocks must be the outermost of the flattened features
+        raise SpecError(
+            f"{owner[0]}: its Concat is on axis {axis}, inside the module output's feature axes "
+            f"{list(range(len(leaf.axes) - axes, len(leaf.axes)))}, so the blocks are not contiguous in "
+            f"its flattened outputs; pass points={{group: modules}} for {leaf.output_group!r}"
+        )
+    return Capture(module_path(leaf.path), owner[1], count)
 
 
 def _stacked_samples(values: Sequence[jax.Array], feature_axes: int = 1, blocks: int = 1) -> jax.Array:
     # Several values of one group (a residual stream's writers, a layer called twice, the
-    # blocks of a fused projection) are more samples of the same neurons.
+    # blocks of a view such as a recurrent cell's gates) are more samples of the same neurons.
     return jnp.concatenate([v.reshape(-1, math.prod(v.shape[v.ndim - feature_axes :]) // blocks) for v in values], axis=0)
+
+
+def _captured_samples(values: Sequence[tuple[Capture, jax.Array]], feature_axes: int, blocks: int) -> jax.Array:
+    """The group's samples from captured outputs: of each, its features flattened, then block ``part`` of ``parts``."""
+    parts = [v.reshape(-1, c.parts, math.prod(v.shape[v.ndim - feature_axes :]) // c.parts)[:, c.part] for c, v in values]
+    return _stacked_samples(parts, 1, blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +208,10 @@ class ModuleActivations:
                 variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
             )
             return {
-                group: _stacked_samples([v for path in paths for v in _captured(state["intermediates"], group, path)], axes, blocks)
-                for group, paths, axes, blocks in self.points
+                group: _captured_samples(
+                    [(c, v) for c in captures for v in _captured(state["intermediates"], group, c.module)], axes, blocks
+                )
+                for group, captures, axes, blocks in self.points
             }
         _, state = self.module.apply(variables, inputs, mutable=[self.collection], **kwargs)
         sown: dict[str, list[jax.Array]] = {}
@@ -211,7 +252,7 @@ class NnxActivations:
     out of the states you fuse (``nnx.split(model, nnx.Param, nnx.BatchStat)`` or fuse states
     of modules that were never called outside ``nnx.capture``).
 
-    With ``points``, ``((group, (module_path, ...), feature_axes, blocks), ...)``
+    With ``points``, ``((group, (Capture(module_path, ...), ...), feature_axes, blocks), ...)``
     (:func:`jfusion.core.support.activation_points`): the outputs of those submodules (``"layer1/conv"``; ``""``
     is the root), their last ``feature_axes`` axes flattened into ``blocks`` samples of the
     group's neurons,
@@ -243,14 +284,14 @@ class NnxActivations:
             if len(parts) >= 2 and parts[-2] == "__call__":
                 calls.setdefault("/".join(parts[:-2]), []).append(value)
         activations = {}
-        for group, paths, axes, blocks in self.points:
-            missing = [p for p in paths if p not in calls]
+        for group, captures, axes, blocks in self.points:
+            missing = [c.module for c in captures if c.module not in calls]
             if missing:
                 raise SpecError(
                     f"group {group!r}: module(s) {missing} returned no single array during the call "
                     f"(they did not run, or return a tuple); modules that did: {sorted(calls)}"
                 )
-            activations[group] = _stacked_samples([v for p in paths for v in calls[p]], axes, blocks)
+            activations[group] = _captured_samples([(c, v) for c in captures for v in calls[c.module]], axes, blocks)
         return activations
 
 
@@ -283,9 +324,9 @@ class ByActivations:
       >>> bool(jnp.allclose(fused["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"], atol=1e-6))
       True
       >>> jfusion.ByActivations.from_module(model, points={"h0": "Dense_0"}).fn.points
-      (('h0', ('Dense_0',), 1, 1),)
+      (('h0', (Capture(module='Dense_0', part=0, parts=1),), 1, 1),)
       >>> jfusion.ByActivations.from_module(model, points=spec).fn.points  # each group's writers
-      (('h0', ('Dense_0',), 1, 1),)
+      (('h0', (Capture(module='Dense_0', part=0, parts=1),), 1, 1),)
 
     References:
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020

@@ -108,12 +108,15 @@ def permute_groups(
 ) -> dict[str, jax.Array]:
     """Reorder groups' neurons: new neuron ``q`` of group ``g`` is old neuron ``perms[g][q]``.
 
-    ``spec`` is the :class:`jfusion.Spec` labelling ``leaves``. The network computes the
-    same function; leaves keep their order and dtypes.
+    ``spec`` is the :class:`jfusion.Spec` labelling ``leaves`` (a :class:`jfusion.Concat`
+    leaf under its own path or as its part leaves). The network computes the same
+    function; leaves keep their order and dtypes.
     """
     maps = {}
     for group, perm in perms.items():
         matrix = jax.nn.one_hot(perm, widths[group], dtype=jnp.float32).T  # [old, new]
         maps[group] = GroupMap(matrix, matrix)
-    moved = transport_model(leaves, spec.leaves, maps, widths)
+    parts = spec.split(leaves)
+    moved = transport_model(parts, spec.leaves, maps, widths)
+    moved = spec.join(moved) if parts.keys() != leaves.keys() else moved
     return {path: moved[path].astype(jnp.result_type(x)) for path, x in leaves.items()}

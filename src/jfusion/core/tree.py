@@ -166,6 +166,22 @@ class ModelStack:
             self.stacked = {p: jnp.asarray(x) for p, x in leaves.items()}
             self.models = None
 
+    def split(self, spec: Any) -> "ModelStack":
+        """The same models with every :class:`jfusion.Concat` leaf split into its part leaves.
+
+        ``spec`` is the :class:`jfusion.Spec` (its ``split`` and ``part_paths``); ``treedef``
+        still rebuilds the tree once ``spec.join`` has put the parts back together.
+        """
+        if not spec.concatenated:
+            return self
+        if self.stacked is not None:
+            self.stacked = spec.split(self.stacked, "models")
+        else:
+            self.models = [spec.split(leaves, f"model {k}") for k, leaves in enumerate(self.models)]
+        self.dtypes = [{q: dtype for p, dtype in dtypes.items() for q in spec.part_paths(p)} for dtypes in self.dtypes]
+        self.statistics = frozenset(q for p in self.statistics for q in spec.part_paths(p))
+        return self
+
     @property
     def paths(self) -> list[str]:
         return list(self.stacked if self.stacked is not None else self.models[0])

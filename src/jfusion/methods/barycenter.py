@@ -142,7 +142,8 @@ def barycenter_fuse(
             ConvergenceWarning,
             stacklevel=caller_stacklevel(),
         )
-    return Barycenter(unflatten(problem.config.reference_treedef, params), plans, iterations, change, converged)
+    fused = unflatten(problem.config.reference_treedef, problem.config.spec.join(params))
+    return Barycenter(fused, plans, iterations, change, converged)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_iterations"))

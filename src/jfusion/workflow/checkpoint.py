@@ -25,7 +25,9 @@ Guarantees:
   was written. numpy leaves come back as numpy, jax leaves as jax arrays; orbax gives every
   container back as a dict or a list (a tuple becomes a list), so leaves are matched by path,
   not by position. JSON has no tuples, so a Spec's views (nested tuples) are written as lists
-  and turned back into tuples on loading, which makes ``Spec`` equality hold.
+  and turned back into tuples on loading, and :class:`jfusion.Heads` and
+  :class:`jfusion.Concat` as ``{"heads": name, "count": H}`` and ``{"concat": [block, ...]}``,
+  which makes ``Spec`` equality hold.
 * A save never leaves DIR half-written. :func:`save_checkpoint` writes the new checkpoint into
   a sibling ``.NAME.jfusion-tmp-PID-RANDOM`` (NAME is DIR's name), fsyncs it, renames the old
   checkpoint to ``.NAME.jfusion-old-PID-RANDOM`` and the new one to DIR, then deletes the old
@@ -65,7 +67,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jfusion.core.errors import JFusionError
-from jfusion.core.spec import Spec
+from jfusion.core.spec import Concat, Heads, Spec
 
 FORMAT = "jfusion-checkpoint"
 VERSION = 2
@@ -138,8 +140,31 @@ def _verify_arrays(arrays_dir: Path, expected: Sequence[Mapping[str, Any]], vari
 # --- the sidecar -------------------------------------------------------------------------
 
 
+def _entry_to_json(entry: Any) -> Any:
+    """An axis entry as JSON: a view is a list, ``Heads`` and ``Concat`` are tagged objects."""
+    if isinstance(entry, Heads):
+        return {"heads": entry.name, "count": entry.count}
+    if isinstance(entry, Concat):
+        return {"concat": [_entry_to_json(block) for block in entry.blocks]}
+    if isinstance(entry, (tuple, list)):
+        return [_entry_to_json(d) for d in entry]
+    return entry
+
+
+def _entry_from_json(entry: Any) -> Any:
+    if isinstance(entry, dict) and set(entry) == {"heads", "count"}:
+        return Heads(entry["heads"], entry["count"])
+    if isinstance(entry, dict) and set(entry) == {"concat"} and isinstance(entry["concat"], list):
+        return Concat(*map(_entry_from_json, entry["concat"]))
+    if isinstance(entry, dict):
+        raise TypeError(f"an axis entry object must be {{'heads', 'count'}} or {{'concat'}}, not {sorted(entry)}")
+    if isinstance(entry, list):
+        return tuple(map(_entry_from_json, entry))
+    return entry
+
+
 def _spec_to_json(spec: Spec) -> dict[str, list]:
-    return {path: [list(e) if isinstance(e, tuple) else e for e in axes] for path, axes in spec.as_dict().items()}
+    return {path: [_entry_to_json(e) for e in axes] for path, axes in spec.as_dict().items()}
 
 
 def _digest(document: Mapping[str, Any]) -> str:
@@ -245,7 +270,7 @@ def _spec_from_json(file: Path, data: Mapping[str, Any]) -> Spec:
         if not isinstance(axes, list):  # a string would pass as a sequence of one-letter groups
             raise _malformed(file, f"'spec'[{path!r}]", "a list of axis entries", axes)
     try:
-        return Spec({p: tuple(tuple(e) if isinstance(e, list) else e for e in axes) for p, axes in data.items()})
+        return Spec({p: tuple(map(_entry_from_json, axes)) for p, axes in data.items()})
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{file}: malformed sidecar: its spec is invalid: {err}") from err
 
