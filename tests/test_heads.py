@@ -164,11 +164,14 @@ def test_fused_qkv_planted_permutations_are_recovered():
     assert perms["b0"].tolist() == [1, 0] and (inside["b0.qk"] != inside["b0.vo"]).any()
     assert all((row != np.arange(4)).any() for rows in inside.values() for row in rows)
     alignment = jfusion.ByActivations.from_module(model, points=spec)
+    third, third_perms = jfusion.permute(params, spec, jax.random.key(SEED + 1))  # K = 3 models
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jfusion.ResidualStreamWarning)
         for aligned_by in ("weights", alignment):
-            fused = jfusion.fuse([params, shuffled], spec, solver="exact", alignment=aligned_by, inputs=x)
+            fused = jfusion.fuse([params, shuffled, third], spec, solver="exact", alignment=aligned_by, inputs=x)
             assert_recovered(fused, perms, params, shuffled, jax.jit(model.apply), x)
+            for group, perm in third_perms.items():
+                np.testing.assert_array_equal(plan_permutation(fused.plans[group].plan[2]), np.asarray(perm), err_msg=group)
     # By activations, the projection's q and k blocks are samples of qk, its v block of vo.
     acts = alignment.fn(params, x)
     stream = x @ params["params"]["embed"]["kernel"] + params["params"]["embed"]["bias"]

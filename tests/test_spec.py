@@ -179,6 +179,8 @@ def test_concat_blocks_are_leaves_of_their_own_permuted_and_recovered_apart():
     spec = CONCAT_SPEC
     assert spec.paths[:2] == ("params/hidden/kernel[0]", "params/hidden/kernel[1]")
     assert spec.part_of("params/hidden/bias[1]") == ("params/hidden/bias", 1)
+    with pytest.raises(KeyError, match=r"has a Concat axis, so the spec holds its blocks as the leaves \['params/hidden/kernel\[0\]'"):
+        spec["params/hidden/kernel"]
     assert spec.validate(shapes_of(params)) == {"a": 8, "b": 8}
     assert jfusion.Spec(spec.as_dict()) == spec and hash(jfusion.Spec(spec)) == hash(spec)
     # split / join round trip, with a leading model axis too

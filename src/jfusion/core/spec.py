@@ -507,6 +507,11 @@ class Spec:
         return "Spec({\n" + "\n".join(rows) + f"\n}})  # groups in order: {', '.join(self.groups)}"
 
     def __getitem__(self, path: str) -> LeafSpec:
+        if path not in self._index and path in self._given:
+            raise KeyError(
+                f"{path} has a Concat axis, so the spec holds its blocks as the leaves "
+                f"{list(self.part_paths(path))}; spec.as_dict()[{path!r}] gives its axes as written"
+            )
         return self._index[path]
 
     def __contains__(self, path: str) -> bool:
