@@ -157,11 +157,11 @@ def test_check_spec_catches_a_flatten_labelled_without_its_view():
 
 
 class SplitHidden(nn.Module):
-    """One Dense layer whose 16 outputs are two groups laid end to end, read by two layers."""
+    """One Dense layer whose 16 outputs are two groups laid end to end (6 and 10), read by two layers."""
 
     @nn.compact
     def __call__(self, x):
-        a, b = jnp.split(nn.relu(nn.Dense(16, name="hidden")(x)), 2, axis=-1)
+        a, b = jnp.split(nn.relu(nn.Dense(16, name="hidden")(x)), [6], axis=-1)
         return nn.Dense(3, name="from_a")(a) + nn.Dense(3, name="from_b")(jnp.tanh(b))
 
 
@@ -181,18 +181,18 @@ def test_concat_blocks_are_leaves_of_their_own_permuted_and_recovered_apart():
     assert spec.part_of("params/hidden/bias[1]") == ("params/hidden/bias", 1)
     with pytest.raises(KeyError, match=r"has a Concat axis, so the spec holds its blocks as the leaves \['params/hidden/kernel\[0\]'"):
         spec["params/hidden/kernel"]
-    assert spec.validate(shapes_of(params)) == {"a": 8, "b": 8}
+    assert spec.validate(shapes_of(params)) == {"a": 6, "b": 10}  # the blocks are sized by their groups
     assert jfusion.Spec(spec.as_dict()) == spec and hash(jfusion.Spec(spec)) == hash(spec)
     # split / join round trip, with a leading model axis too
     leaves = flatten(params)[0]
     parts = spec.split(leaves)
     assert list(parts) == [q for p in leaves for q in spec.part_paths(p)]  # the parts where the leaf was
     assert spec.part_paths("params/hidden/bias") == ("params/hidden/bias[0]", "params/hidden/bias[1]")
-    np.testing.assert_array_equal(parts["params/hidden/kernel[1]"], leaves["params/hidden/kernel"][:, 8:])
+    np.testing.assert_array_equal(parts["params/hidden/kernel[1]"], leaves["params/hidden/kernel"][:, 6:])
     joined = spec.join(parts)
     assert list(joined) == list(leaves) and all(np.array_equal(joined[p], leaves[p]) for p in leaves)
     stacked = flatten(jfusion.stack_models([params, params]))[0]
-    assert spec.split(stacked)["params/hidden/bias[0]"].shape == (2, 8)
+    assert spec.split(stacked, {"a": 6, "b": 10})["params/hidden/bias[0]"].shape == (2, 6)
     # a and b are permuted independently; fusion recovers both, by weights and by activations
     jfusion.check_spec(model.apply, params, spec, x)
     shuffled, perms = jfusion.permute(params, spec, jax.random.key(3))
@@ -210,23 +210,35 @@ def test_concat_blocks_are_leaves_of_their_own_permuted_and_recovered_apart():
     # by activations, each group is its block of the layer's outputs
     hidden = x @ params["params"]["hidden"]["kernel"] + params["params"]["hidden"]["bias"]
     acts = by_activations.fn(params, x)
-    np.testing.assert_allclose(acts["a"], hidden[:, :8], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(acts["b"], hidden[:, 8:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acts["a"], hidden[:, :6], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acts["b"], hidden[:, 6:], rtol=1e-5, atol=1e-6)
+    # into a narrower target: the blocks take the target's widths (a pruned copy of the model)
+    narrow = jfusion.prune(params, spec, {"a": 3, "b": 5}, method="merge").params
+    assert narrow["params"]["hidden"]["kernel"].shape == (6, 8)
+    fused = jfusion.fuse([narrow, jfusion.permute(narrow, spec, jax.random.key(4))[0]], spec, solver="exact").params
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), fused, narrow)
+    with pytest.raises(jfusion.SpecError, match=r"module 'hidden' writes it as blocks .* of a Concat axis"):
+        jfusion.repair(params, [params, shuffled], spec, x, model=model)
 
 
 def test_concat_labels_are_checked_with_the_leaf_axis_and_sizes():
     with pytest.raises(jfusion.SpecError, match="at least two blocks"):
         jfusion.Concat("a")
+    with pytest.raises(jfusion.SpecError, match=r"block \(None, 'a'\) has no size of its own"):
+        jfusion.Concat("a", (None, "a"))
     with pytest.raises(jfusion.SpecError, match="nests a Concat"):
         jfusion.Concat("a", jfusion.Concat("b", "c"))
     with pytest.raises(jfusion.SpecError, match=r"w: axes \[0, 1\] are both Concat"):
         jfusion.Spec({"w": (jfusion.Concat("a", "b"), jfusion.Concat("a", "b")), "r": ("a", "b")})
-    with pytest.raises(jfusion.SpecError, match=r"model 1: params/hidden/kernel axis 1 is Concat of 2 equal blocks, but its size 15 is not divisible by 2"):
-        CONCAT_SPEC.validate({"params/hidden/kernel": (6, 15), "params/hidden/bias": (15,), "params/from_a/kernel": (7, 3),
-                              "params/from_a/bias": (3,), "params/from_b/kernel": (8, 3), "params/from_b/bias": (3,)}, "model 1")
-    with pytest.raises(jfusion.SpecError, match=r"params/from_b/kernel axis 0 gives group 'b' size 5, but params/hidden/kernel\[1\] axis 1 gives it size 8"):
-        CONCAT_SPEC.validate({"params/hidden/kernel": (6, 16), "params/hidden/bias": (16,), "params/from_a/kernel": (8, 3),
-                              "params/from_a/bias": (3,), "params/from_b/kernel": (5, 3), "params/from_b/bias": (3,)})
+    shapes = {"params/hidden/kernel": (6, 15), "params/hidden/bias": (15,), "params/from_a/kernel": (6, 3),
+              "params/from_a/bias": (3,), "params/from_b/kernel": (10, 3), "params/from_b/bias": (3,)}
+    with pytest.raises(jfusion.SpecError, match=r"model 1: params/hidden/kernel axis 1 \(Concat\('a', 'b'\)\) has size 15, but its blocks' sizes \[6, 10\] add up to 16"):
+        CONCAT_SPEC.validate(shapes, "model 1")
+    with pytest.raises(jfusion.SpecError, match=r"params/hidden/bias axis 0 .* has size 16, but its blocks' sizes \[6, 10\] add up to 16|params/hidden/kernel axis 1"):
+        CONCAT_SPEC.validate({**shapes, "params/hidden/bias": (16,)})
+    # blocks sized by each other: the one group known elsewhere fixes the other's width
+    half = jfusion.Spec({"w": (None, jfusion.Concat("a", "b")), "u": ("a", None), "v": ("b", "c"), "o": ("c", None)})
+    assert half.validate({"w": (2, 9), "u": (4, 1), "v": (5, 3), "o": (3, 1)}) == {"a": 4, "b": 5, "c": 3}
     with pytest.raises(jfusion.SpecError, match=r"the spec labels \['params/hidden/bias'\] but the pytree has no such leaves"):
         CONCAT_SPEC.validate({"params/hidden/kernel": (6, 16), "params/from_a/kernel": (8, 3),
                               "params/from_a/bias": (3,), "params/from_b/kernel": (8, 3), "params/from_b/bias": (3,)})

@@ -982,6 +982,10 @@ def trace_spec(
         apply = jax.jit(call)  # one compiled program for the checks' applications
 
         def holds(candidate: Spec) -> bool:
+            try:  # blocks of members read nowhere else may leave their sizes undetermined
+                candidate.validate({p: tuple(x.shape) for p, x in leaves.items()})
+            except SpecError:
+                return False
             return all(
                 error <= tolerance
                 for _, _, tolerance, error in (

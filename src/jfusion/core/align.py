@@ -229,9 +229,10 @@ def prepare(
         )
     # One activation function per model: each model runs its own (different modules cannot vmap).
     stack = stack and not (isinstance(alignment, ByActivations) and alignment.model_fns is not None)
-    models = ModelStack(params_list, stack=stack).split(spec)
+    models = ModelStack(params_list, stack=stack)
     num = models.num_models
     all_widths = [spec.validate(models.shapes(k), f"model {k}") for k in range(num)]
+    models.split(spec, all_widths)
     if models.stacked is not None:
         _check_finite(models.stacked, "models", model_axis=True)
     else:
@@ -244,14 +245,13 @@ def prepare(
         dtypes = models.dtypes[reference]
     else:
         flat, reference_treedef = flatten(target)
-        flat = spec.split(flat, "target")
-        if set(flat) != set(models.paths):
+        if {q for p in flat for q in spec.part_paths(p)} != set(models.paths):
             raise FusionInputError(
-                f"target has a different tree from the models: {first_difference(models.model(0), flat)}"
+                f"target has a different tree from the models: {first_difference(spec.join(models.model(0)), flat)}"
             )
-        reference_leaves = {p: jnp.asarray(flat[p]) for p in flat}
+        reference_widths = spec.validate({p: np.shape(x) for p, x in flat.items()}, "target")
+        reference_leaves = {p: jnp.asarray(x) for p, x in spec.split(flat, reference_widths, "target").items()}
         reference_shapes = {p: tuple(x.shape) for p, x in reference_leaves.items()}
-        reference_widths = spec.validate(reference_shapes, "target")
         dtypes = {p: x.dtype for p, x in reference_leaves.items()}
         _check_finite(reference_leaves, "target")
     for leaf in spec.leaves:

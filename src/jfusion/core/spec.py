@@ -8,8 +8,8 @@ leaf:
   but never transported;
 * a tuple: a *view* -- the axis is reshaped (C order) into several dims before labelling,
   each a group name, a fixed ``int`` size or ``None`` (at most one inferred size);
-* ``Concat(block, ...)``: the axis is equal blocks laid end to end, each block an entry of
-  its own (:class:`Concat`; a fused q/k/v kernel). Block ``i`` of leaf ``path`` is then a
+* ``Concat(block, ...)``: the axis is blocks laid end to end, each block an entry of
+  its own, sized by its groups' widths (:class:`Concat`; a fused q/k/v kernel). Block ``i`` of leaf ``path`` is then a
   leaf of its own, ``path[i]``, for every step of a fusion (:meth:`Spec.split`).
 
 Examples (Flax stores a Dense kernel as ``(in, out)`` and a Conv kernel as ``(H, W, in, out)``)::
@@ -107,11 +107,15 @@ class Heads:
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Concat:
-    """An axis made of equal blocks laid end to end, each block labelled on its own.
+    """An axis made of blocks laid end to end, each block labelled on its own.
 
-    ``Concat(block_0, ..., block_{n-1})`` labels an axis of size ``n * s`` whose entries
-    ``[i s, (i + 1) s)`` are block ``i``; each block is an axis entry of its own (a group
-    name, None, ``Heads(name)`` or a view tuple). A fused q/k/v projection ``(d, 3 H hd)``
+    ``Concat(block_0, ..., block_{n-1})`` labels an axis whose entries are block 0's, then
+    block 1's, and so on; each block is an axis entry of its own (a group name,
+    ``Heads(name)`` or a view tuple without an inferred dim), and its labels size it: block
+    ``i`` has the width its groups have in the model, so the blocks of a model whose groups
+    differ in width (pruned, or fused into a narrower target) are sized by them, and
+    :meth:`Spec.validate` reads a group that only a Concat carries from what the axis leaves
+    for it (blocks of one label share it equally). A fused q/k/v projection ``(d, 3 H hd)``
     concatenates the queries, the keys and the values, each head-major:
 
         ``("r", Concat((Heads("b0", H), "b0.qk"), (Heads("b0", H), "b0.qk"), (Heads("b0", H), "b0.vo")))``
@@ -137,6 +141,11 @@ class Concat:
         for block in blocks:
             if isinstance(block, Concat):
                 raise SpecError(f"Concat{blocks!r} nests a Concat: give the blocks of one axis in one Concat")
+            if block is None or (isinstance(block, (tuple, list)) and None in block):
+                raise SpecError(
+                    f"Concat{blocks!r}: block {block!r} has no size of its own (None); a block is sized by its "
+                    f"labels, so give it a group or a fixed int size"
+                )
         object.__setattr__(self, "blocks", tuple(tuple(b) if isinstance(b, list) else b for b in blocks))
 
     def __repr__(self) -> str:
@@ -282,6 +291,21 @@ class LeafSpec:
                 )
             out.append(known)
         return out
+
+    def axis_size(self, axis: int, widths: Mapping[str, int]) -> int:
+        """The size of ``axis`` for the given group widths (its dims' product; no inferred dim)."""
+        size, previous = 1, None
+        for d in self.axis_dims[axis]:
+            if d is None:
+                raise SpecError(f"{self.path}: axis {axis} has an inferred (None) dim, so the widths alone do not size it")
+            if isinstance(d, Heads):
+                size *= widths[d.name]
+            elif isinstance(d, str):
+                size *= widths[d] // widths[previous.name] if isinstance(previous, Heads) else widths[d]
+            else:
+                size *= d
+            previous = d
+        return size
 
     def view_shape(self, shape: Sequence[int], widths: Mapping[str, int]) -> tuple[int, ...]:
         """The leaf's shape in view dims, for a leaf of ``shape`` and the given group widths.
@@ -533,27 +557,32 @@ class Spec:
     def _blocks(self) -> dict[str, tuple[int, int, int]]:
         return {path: (axis, count, ndim) for path, axis, count, ndim in self.concatenated}
 
-    def split(self, leaves: Mapping[str, Any], model: str = "model") -> dict[str, Any]:
+    def split(self, leaves: Mapping[str, Any], widths: Mapping[str, int] | None = None, model: str = "model") -> dict[str, Any]:
         """``leaves`` with every :class:`Concat` leaf replaced, in place, by its part leaves.
 
-        Arrays are split along the Concat axis counted from the end, so a leading model axis
-        (K models stacked) is kept; other leaves pass through. Inverse: :meth:`join`.
+        Block ``i``'s size is what its labels give for ``widths`` (the model's group widths;
+        :meth:`validate` of the leaves' shapes when None). Arrays are split along the Concat
+        axis counted from the end, so a leading model axis (K models stacked, with
+        ``widths`` given) is kept; other leaves pass through. Inverse: :meth:`join`.
         """
         if not self.concatenated:
             return dict(leaves)
+        if widths is None:
+            widths = self.validate({p: np.shape(x) for p, x in leaves.items()}, model)
         blocks, out = self._blocks(), {}
         for path, x in leaves.items():
             if path not in blocks:
                 out[path] = x
                 continue
             axis, count, ndim = blocks[path]
-            size = np.shape(x)[axis - ndim] if np.ndim(x) >= ndim else None
-            if size is None or size % count:
+            sizes = [self._index[part_path(path, i)].axis_size(axis, widths) for i in range(count)]
+            if np.ndim(x) < ndim or np.shape(x)[axis - ndim] != sum(sizes):
                 raise SpecError(
-                    f"{model}: {path} axis {axis} is Concat of {count} equal blocks, but its size is "
-                    f"{size if size is not None else f'missing (shape {np.shape(x)})'}, which {count} does not divide"
+                    f"{model}: {path} axis {axis} holds blocks of sizes {sizes} for these widths, "
+                    f"{sum(sizes)} in all, but the leaf has shape {np.shape(x)}"
                 )
-            for i, part in enumerate(jnp.split(jnp.asarray(x), count, axis=axis - ndim)):
+            ends = np.cumsum(sizes)[:-1].tolist()
+            for i, part in enumerate(jnp.split(jnp.asarray(x), ends, axis=axis - ndim)):
                 out[part_path(path, i)] = part
         return out
 
@@ -576,25 +605,6 @@ class Spec:
         """The paths ``path`` is known by after :meth:`split`: its part leaves, or itself."""
         count = self._blocks().get(path, (0, 0, 0))[1]
         return tuple(part_path(path, i) for i in range(count)) if count else (path,)
-
-    def split_shapes(self, shapes: Mapping[str, Sequence[int]], model: str = "model") -> dict[str, tuple[int, ...]]:
-        """``{path: shape}`` with every Concat leaf's shape replaced by its part leaves' (see :meth:`split`)."""
-        blocks, out = self._blocks(), {}
-        for path, shape in shapes.items():
-            if path not in blocks:
-                out[path] = tuple(shape)
-                continue
-            axis, count, ndim = blocks[path]
-            if len(shape) != ndim:
-                raise SpecError(f"{model}: {path} has {len(shape)} axes (shape {tuple(shape)}) but the spec labels {ndim}")
-            if shape[axis] % count:
-                raise SpecError(
-                    f"{model}: {path} axis {axis} is Concat of {count} equal blocks, but its size "
-                    f"{shape[axis]} is not divisible by {count}"
-                )
-            part = (*shape[:axis], shape[axis] // count, *shape[axis + 1 :])
-            out.update({part_path(path, i): part for i in range(count)})
-        return out
 
     def writers(self, group: str) -> tuple[LeafSpec, ...]:
         """Leaves whose output group is ``group``: its incoming weights."""
@@ -628,11 +638,22 @@ class Spec:
         A member group of :class:`jfusion.Heads` has the width ``H * hd``; the ``Heads`` name maps to
         its head count ``H``.
 
-        ``shapes`` may name a :class:`Concat` leaf by its own path or by its part leaves'.
+        ``shapes`` may name a :class:`Concat` leaf by its own path (its blocks' sizes are
+        then read from the groups' widths, the axis being their sum) or by its part leaves'.
 
         Raises SpecError naming the path, the axis, and the expected and found sizes.
         """
-        shapes = self.split_shapes(shapes, model)
+        shapes = {p: tuple(s) for p, s in shapes.items()}
+        concatenated = []  # (path, axis, count, size) of Concat leaves given whole
+        for path, axis, count, ndim in self.concatenated:
+            if path not in shapes:
+                continue
+            whole = shapes.pop(path)
+            if len(whole) != ndim:
+                raise SpecError(f"{model}: {path} has {len(whole)} axes (shape {whole}) but the spec labels {ndim}: {self._given[path]}")
+            concatenated.append((path, axis, count, whole[axis]))
+            for i in range(count):  # the block's size on the Concat axis comes from the widths
+                shapes[part_path(path, i)] = (*whole[:axis], None, *whole[axis + 1 :])
         missing = list(dict.fromkeys((self.part_of(p) or (p,))[0] for p in self.paths if p not in shapes))
         if missing:
             raise SpecError(
@@ -678,12 +699,51 @@ class Spec:
         for leaf in self.leaves:
             shape = tuple(shapes[leaf.path])
             for axis, (entry, dims) in enumerate(zip(leaf.axes, leaf.axis_dims)):
+                if shape[axis] is None:  # a block of a Concat axis: sized below
+                    continue
                 if isinstance(entry, (str, Heads)):
                     record(key(entry), shape[axis], f"{leaf.path} axis {axis}")
                 elif isinstance(entry, (tuple, list)):
                     pending.append((leaf, axis, dims, shape[axis]))
-        while pending:
+
+        def block_size(path: str, i: int, axis: int) -> int | None:
+            keys = [key(d) for d in self._index[part_path(path, i)].axis_dims[axis]]
+            return None if any(isinstance(k, str) and k not in widths for k in keys) else math.prod(
+                widths[k] if isinstance(k, str) else k for k in keys
+            )
+
+        def resolve_blocks(path: str, axis: int, count: int, size: int) -> bool:
+            """Size a Concat axis's blocks from the widths known; False until it can."""
+            sizes = [block_size(path, i, axis) for i in range(count)]
+            unknown = [i for i, s in enumerate(sizes) if s is None]
+            rest = size - sum(s for s in sizes if s is not None)
+            where = f"{path} axis {axis} ({self._given[path][axis]!r})"
+            if not unknown:
+                if rest:
+                    raise SpecError(f"{model}: {where} has size {size}, but its blocks' sizes {sizes} add up to {size - rest}")
+                return True
+            blocks = {self._index[part_path(path, i)].axis_dims[axis] for i in unknown}
+            if len(blocks) > 1:  # blocks of different labels: one of them must be sized elsewhere
+                return False
+            dims = blocks.pop()
+            keys = [key(d) for d in dims]
+            missing = [k for k in keys if isinstance(k, str) and k not in widths]
+            known = math.prod(widths[k] if isinstance(k, str) else k for k in keys if k not in missing)
+            if len(missing) > 1:
+                return False
+            if rest <= 0 or rest % (len(unknown) * known):
+                raise SpecError(
+                    f"{model}: {where} has size {size}; its blocks of known size take {size - rest}, which "
+                    f"leaves {rest} for {len(unknown)} block(s) {dims} of {known} x {missing[0]!r} each"
+                )
+            record(missing[0], rest // (len(unknown) * known), where)
+            return True
+
+        while pending or concatenated:
             progress, later = False, []
+            resolved = [item for item in concatenated if resolve_blocks(*item)]
+            progress = bool(resolved)
+            concatenated = [item for item in concatenated if item not in resolved]
             for leaf, axis, dims, size in pending:
                 keys = [key(d) for d in dims]
                 unknown = [k for k in keys if k is None or (isinstance(k, str) and k not in widths)]
@@ -703,6 +763,12 @@ class Spec:
                 elif not unknown and known != size:
                     raise SpecError(f"{model}: {where} has size {size}, but its dims multiply to {known}")
             if not progress:
+                if not later:
+                    path, axis, _, size = concatenated[0]
+                    raise SpecError(
+                        f"{model}: {path} axis {axis} (size {size}) is {self._given[path][axis]!r}, whose blocks "
+                        f"have more than one unknown size; label their groups on other leaves too"
+                    )
                 leaf, axis, dims, size = later[0]
                 raise SpecError(
                     f"{model}: {leaf.path} axis {axis} (size {size}) has the view {dims} with "
@@ -716,7 +782,8 @@ class Spec:
             for g in members:
                 widths[g] *= widths[name]
         for leaf in self.leaves:
-            leaf.view_shape(shapes[leaf.path], widths)  # inferred dims must divide evenly
+            shape = tuple(s if s is not None else leaf.axis_size(i, widths) for i, s in enumerate(shapes[leaf.path]))
+            leaf.view_shape(shape, widths)  # inferred dims must divide evenly
         return widths
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax import nnx
 
@@ -73,16 +74,32 @@ class ByWeights:
 
 
 class Capture(NamedTuple):
-    """One module output read as a group's activations: block ``part`` of ``parts``.
+    """One module output read as a group's activations: all of it, or one block.
 
     A module whose kernel's output axis is a :class:`jfusion.Concat` (a fused q/k/v
-    projection) outputs several groups end to end: its flattened features split into
-    ``parts`` equal blocks, of which block ``part`` holds this group's neurons.
+    projection) outputs several groups end to end; ``block`` is then the part leaf
+    (``"params/attn/qkv/kernel[2]"``) whose block of the flattened features holds this
+    group's neurons. The blocks' sizes follow the model's widths, read from the variables
+    at each call.
     """
 
     module: str
-    part: int = 0
-    parts: int = 1
+    block: str | None = None
+
+
+def _block_ranges(spec: Spec | None, variables: Any, captures: Iterable[Capture]) -> dict[str, tuple[int, int]]:
+    """``{part leaf: (start, stop)}`` of each captured block in its module's flattened features."""
+    blocks = [c.block for c in captures if c.block is not None]
+    if not blocks:
+        return {}
+    widths = spec.validate({p: np.shape(x) for p, x in flatten(variables)[0].items()}, "the activations' variables")
+    ranges = {}
+    for block in blocks:
+        path, index = spec.part_of(block)
+        axis = next(a for p, a, _, _ in spec.concatenated if p == path)
+        sizes = [spec[q].axis_size(axis, widths) for q in spec.part_paths(path)]
+        ranges[block] = (sum(sizes[:index]), sum(sizes[: index + 1]))
+    return ranges
 
 
 Points = tuple[tuple[str, tuple[Capture, ...], int, int], ...]  # (group, captures, feature axes, blocks)
@@ -135,7 +152,11 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
         for group in points.groups:
             writers = points.writers(group)
             inner = [leaf for leaf in writers if module_path(leaf.path)] or list(writers)
-            modules = tuple(dict.fromkeys(_capture(points, leaf) for leaf in inner))
+            captures: dict[tuple[str, int | None], Capture] = {}  # a kernel and its bias give one output
+            for leaf in inner:
+                capture = _capture(points, leaf)
+                captures.setdefault((capture.module, points.part_of(leaf.path) and points.part_of(leaf.path)[1]), capture)
+            modules = tuple(captures.values())
             layouts = {_feature_layout(leaf) for leaf in inner}
             if len(layouts) > 1:
                 raise SpecError(
@@ -156,7 +177,7 @@ def _capture(spec: Spec, leaf: LeafSpec) -> Capture:
     owner = spec.part_of(leaf.path)
     if owner is None:
         return Capture(module_path(leaf.path))
-    axis, count = next((a, n) for p, a, n, _ in spec.concatenated if p == owner[0])
+    axis = next(a for p, a, _, _ in spec.concatenated if p == owner[0])
     axes, _ = _feature_layout(leaf)
     if axis != len(leaf.axes) - axes:  # the blocks must be the outermost of the flattened features
         raise SpecError(
@@ -164,7 +185,7 @@ def _capture(spec: Spec, leaf: LeafSpec) -> Capture:
             f"{list(range(len(leaf.axes) - axes, len(leaf.axes)))}, so the blocks are not contiguous in "
             f"its flattened outputs; pass points={{group: modules}} for {leaf.output_group!r}"
         )
-    return Capture(module_path(leaf.path), owner[1], count)
+    return Capture(module_path(leaf.path), leaf.path)
 
 
 def _stacked_samples(values: Sequence[jax.Array], feature_axes: int = 1, blocks: int = 1) -> jax.Array:
@@ -173,9 +194,12 @@ def _stacked_samples(values: Sequence[jax.Array], feature_axes: int = 1, blocks:
     return jnp.concatenate([v.reshape(-1, math.prod(v.shape[v.ndim - feature_axes :]) // blocks) for v in values], axis=0)
 
 
-def _captured_samples(values: Sequence[tuple[Capture, jax.Array]], feature_axes: int, blocks: int) -> jax.Array:
-    """The group's samples from captured outputs: of each, its features flattened, then block ``part`` of ``parts``."""
-    parts = [v.reshape(-1, c.parts, math.prod(v.shape[v.ndim - feature_axes :]) // c.parts)[:, c.part] for c, v in values]
+def _captured_samples(
+    values: Sequence[tuple[Capture, jax.Array]], feature_axes: int, blocks: int, ranges: Mapping[str, tuple[int, int]]
+) -> jax.Array:
+    """The group's samples from captured outputs: of each, its features flattened, then its block's range."""
+    flat = [(c, v.reshape(-1, math.prod(v.shape[v.ndim - feature_axes :]))) for c, v in values]
+    parts = [v if c.block is None else v[:, slice(*ranges[c.block])] for c, v in flat]
     return _stacked_samples(parts, 1, blocks)
 
 
@@ -200,6 +224,7 @@ class ModuleActivations:
     collection: str = "activations"
     points: Points = ()
     apply_kwargs: tuple[tuple[str, Any], ...] = ()
+    spec: Spec | None = None  # sizes the blocks of Concat outputs (Capture.block)
 
     def __call__(self, variables: Any, inputs: jax.Array) -> dict[str, jax.Array]:
         kwargs = dict(self.apply_kwargs)
@@ -207,9 +232,10 @@ class ModuleActivations:
             _, state = self.module.apply(
                 variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
             )
+            ranges = _block_ranges(self.spec, variables, (c for _, captures, _, _ in self.points for c in captures))
             return {
                 group: _captured_samples(
-                    [(c, v) for c in captures for v in _captured(state["intermediates"], group, c.module)], axes, blocks
+                    [(c, v) for c in captures for v in _captured(state["intermediates"], group, c.module)], axes, blocks, ranges
                 )
                 for group, captures, axes, blocks in self.points
             }
@@ -267,6 +293,7 @@ class NnxActivations:
     points: Points = ()
     train: bool = False
     call_kwargs: tuple[tuple[str, Any], ...] = ()
+    spec: Spec | None = None  # sizes the blocks of Concat outputs (Capture.block)
 
     def __call__(self, state: Any, inputs: jax.Array) -> dict[str, jax.Array]:
         module = fresh(self.graphdef, state, train=self.train)
@@ -284,6 +311,7 @@ class NnxActivations:
             if len(parts) >= 2 and parts[-2] == "__call__":
                 calls.setdefault("/".join(parts[:-2]), []).append(value)
         activations = {}
+        ranges = _block_ranges(self.spec, state, (c for _, captures, _, _ in self.points for c in captures))
         for group, captures, axes, blocks in self.points:
             missing = [c.module for c in captures if c.module not in calls]
             if missing:
@@ -291,7 +319,7 @@ class NnxActivations:
                     f"group {group!r}: module(s) {missing} returned no single array during the call "
                     f"(they did not run, or return a tuple); modules that did: {sorted(calls)}"
                 )
-            activations[group] = _captured_samples([(c, v) for c in captures for v in calls[c.module]], axes, blocks)
+            activations[group] = _captured_samples([(c, v) for c in captures for v in calls[c.module]], axes, blocks, ranges)
         return activations
 
 
@@ -324,9 +352,9 @@ class ByActivations:
       >>> bool(jnp.allclose(fused["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"], atol=1e-6))
       True
       >>> jfusion.ByActivations.from_module(model, points={"h0": "Dense_0"}).fn.points
-      (('h0', (Capture(module='Dense_0', part=0, parts=1),), 1, 1),)
+      (('h0', (Capture(module='Dense_0', block=None),), 1, 1),)
       >>> jfusion.ByActivations.from_module(model, points=spec).fn.points  # each group's writers
-      (('h0', (Capture(module='Dense_0', part=0, parts=1),), 1, 1),)
+      (('h0', (Capture(module='Dense_0', block=None),), 1, 1),)
 
     References:
       - Sidak Pal Singh and Martin Jaggi. *Model Fusion via Optimal Transport.* NeurIPS 2020
@@ -364,13 +392,14 @@ class ByActivations:
         models' widths differ (e.g. a pruned and a dense model).
         """
         static_points = activation_points(points)
+        spec = points if isinstance(points, Spec) and points.concatenated else None
 
         def source(m):
             if is_nnx(m):
                 call = dict(kwargs)
                 train = bool(call.pop("train", False))
-                return NnxActivations(graphdef_of(m), static_points, train, tuple(sorted(call.items())))
-            return ModuleActivations(m, collection, static_points, tuple(sorted(kwargs.items())))
+                return NnxActivations(graphdef_of(m), static_points, train, tuple(sorted(call.items())), spec)
+            return ModuleActivations(m, collection, static_points, tuple(sorted(kwargs.items())), spec)
 
         return cls(
             source(module),

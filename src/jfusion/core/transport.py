@@ -116,7 +116,7 @@ def permute_groups(
     for group, perm in perms.items():
         matrix = jax.nn.one_hot(perm, widths[group], dtype=jnp.float32).T  # [old, new]
         maps[group] = GroupMap(matrix, matrix)
-    parts = spec.split(leaves)
+    parts = spec.split(leaves, widths)
     moved = transport_model(parts, spec.leaves, maps, widths)
     moved = spec.join(moved) if parts.keys() != leaves.keys() else moved
     return {path: moved[path].astype(jnp.result_type(x)) for path, x in leaves.items()}

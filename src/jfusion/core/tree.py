@@ -166,18 +166,19 @@ class ModelStack:
             self.stacked = {p: jnp.asarray(x) for p, x in leaves.items()}
             self.models = None
 
-    def split(self, spec: Any) -> "ModelStack":
+    def split(self, spec: Any, widths: Sequence[Mapping[str, int]]) -> "ModelStack":
         """The same models with every :class:`jfusion.Concat` leaf split into its part leaves.
 
-        ``spec`` is the :class:`jfusion.Spec` (its ``split`` and ``part_paths``); ``treedef``
-        still rebuilds the tree once ``spec.join`` has put the parts back together.
+        ``spec`` is the :class:`jfusion.Spec` (its ``split`` and ``part_paths``), ``widths``
+        each model's group widths (they size the blocks); ``treedef`` still rebuilds the
+        tree once ``spec.join`` has put the parts back together.
         """
         if not spec.concatenated:
             return self
         if self.stacked is not None:
-            self.stacked = spec.split(self.stacked, "models")
+            self.stacked = spec.split(self.stacked, widths[0], "models")
         else:
-            self.models = [spec.split(leaves, f"model {k}") for k, leaves in enumerate(self.models)]
+            self.models = [spec.split(leaves, w, f"model {k}") for k, (leaves, w) in enumerate(zip(self.models, widths))]
         self.dtypes = [{q: dtype for p, dtype in dtypes.items() for q in spec.part_paths(p)} for dtypes in self.dtypes]
         self.statistics = frozenset(q for p in self.statistics for q in spec.part_paths(p))
         return self

@@ -128,6 +128,12 @@ def _units(spec: Spec, points: Mapping[str, tuple[str, ...]], statistics: frozen
                     f"group {group!r}: module {module!r} writes none of its leaves (its writers: "
                     f"{[l.path for l in spec.writers(group)]}), so repair has nothing to fold its output's statistics into"
                 )
+            blocks = [l.path for l in leaves if spec.part_of(l.path)]
+            if blocks:
+                raise SpecError(
+                    f"group {group!r}: module {module!r} writes it as blocks {blocks} of a Concat axis, beside "
+                    f"other groups, and repair rescales a module's whole output; leave the group out with points="
+                )
             recurrent = [l.path for l in leaves if group in l.input_groups]
             if recurrent:
                 raise SpecError(
