@@ -8,9 +8,10 @@ leaf:
   but never transported;
 * a tuple: a *view* -- the axis is reshaped (C order) into several dims before labelling,
   each a group name, a fixed ``int`` size or ``None`` (at most one inferred size);
-* ``Concat(block, ...)``: the axis is blocks laid end to end, each block an entry of
-  its own, sized by its groups' widths (:class:`Concat`; a fused q/k/v kernel). Block ``i`` of leaf ``path`` is then a
-  leaf of its own, ``path[i]``, for every step of a fusion (:meth:`Spec.split`).
+* ``Concat(block, ...)``: the axis is blocks laid end to end, each block an entry of its
+  own, sized by its groups' widths (:class:`jfusion.Concat`; a fused q/k/v kernel). Block
+  ``i`` of leaf ``path`` is then a leaf of its own, ``path[i]``, for every step of a
+  fusion (:meth:`jfusion.Spec.split`).
 
 Examples (Flax stores a Dense kernel as ``(in, out)`` and a Conv kernel as ``(H, W, in, out)``)::
 
@@ -114,7 +115,7 @@ class Concat:
     ``Heads(name)`` or a view tuple without an inferred dim), and its labels size it: block
     ``i`` has the width its groups have in the model, so the blocks of a model whose groups
     differ in width (pruned, or fused into a narrower target) are sized by them, and
-    :meth:`Spec.validate` reads a group that only a Concat carries from what the axis leaves
+    :meth:`jfusion.Spec.validate` reads a group that only a Concat carries from what the axis leaves
     for it (blocks of one label share it equally). A fused q/k/v projection ``(d, 3 H hd)``
     concatenates the queries, the keys and the values, each head-major:
 
@@ -125,7 +126,7 @@ class Concat:
     this: it is one reshape, and every block of a reshaped axis has the same labels.
 
     The Spec treats block ``i`` of leaf ``path`` as a leaf of its own, ``f"{path}[{i}]"``
-    (:meth:`Spec.split`; :meth:`Spec.join` concatenates the blocks back), so every step of a
+    (:meth:`jfusion.Spec.split`; :meth:`jfusion.Spec.join` concatenates the blocks back), so every step of a
     fusion -- supports, plans, transport -- sees plain leaves, and errors name the block. A
     leaf has at most one ``Concat`` axis.
 

@@ -143,7 +143,7 @@ def activation_points(points: Mapping[str, str | Sequence[str]] | Spec | None) -
     those two axes are flattened head-major, the member group's layout, so q and k both
     give samples of the ``qk`` member; a fused projection (a :class:`jfusion.Concat`
     output axis, ``qkv (d, 3 H hd)``) gives each member its blocks: q and k to ``qk``, v to
-    ``vo`` (:class:`Capture`). Points given as a dict read the last axis only.
+    ``vo`` (:class:`jfusion.core.support.Capture`). Points given as a dict read the last axis only.
     """
     if points is None:
         return ()
